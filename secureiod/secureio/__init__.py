@@ -1,0 +1,58 @@
+"""secureio, sans-IO: the wire format, crypto and state machines of the secureio protocol.
+
+Bytes and times go in; bytes, events and timers come out. Nothing here opens a socket,
+starts a thread or reads a clock, so the protocol can be tested without a network and
+lifted out as a library. Wire-compatible with xaionaro-go/secureio (HEAD e0fcfed).
+"""
+
+from .errors import (
+    AuthenticationError,
+    IdentityError,
+    InvalidKeyError,
+    MalformedError,
+    PayloadTooBigError,
+    SecureioError,
+)
+from .fragment import FragmentHeader
+from .keys import PskKeys, derive_cipher_key
+from .kx_message import AnswersMode, KeyExchangeMessage
+from .negotiation_message import (
+    NegotiationControl,
+    NegotiationProbe,
+    decode_negotiation,
+    encode_ping,
+    pong_for,
+)
+from .packet import OpenedPacket, PacketClass, PacketKey, open_packet, seal
+from .replay import ReplayWindow
+from .wire import Message, MessageType, SessionID, encode_message, iter_messages
+
+__all__ = [
+    "AnswersMode",
+    "AuthenticationError",
+    "FragmentHeader",
+    "IdentityError",
+    "InvalidKeyError",
+    "KeyExchangeMessage",
+    "MalformedError",
+    "Message",
+    "MessageType",
+    "NegotiationControl",
+    "NegotiationProbe",
+    "OpenedPacket",
+    "PacketClass",
+    "PacketKey",
+    "PayloadTooBigError",
+    "PskKeys",
+    "ReplayWindow",
+    "SecureioError",
+    "SessionID",
+    "decode_negotiation",
+    "derive_cipher_key",
+    "encode_message",
+    "encode_ping",
+    "iter_messages",
+    "open_packet",
+    "pong_for",
+    "seal",
+]

@@ -1,0 +1,37 @@
+"""Fragment header codec (PROTOCOL §9.1): ``ChainID || StartPos || TotalMessageLength``."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from .constants import FRAGMENT_HEADER_SIZE
+from .errors import MalformedError
+
+_FRAGMENT: Final = struct.Struct("<QQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class FragmentHeader:
+    chain_id: int
+    start_pos: int
+    total_length: int
+
+    def encode(self) -> bytes:
+        return _FRAGMENT.pack(self.chain_id, self.start_pos, self.total_length)
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> FragmentHeader:
+        if len(payload) < FRAGMENT_HEADER_SIZE:
+            raise MalformedError(f"fragment of {len(payload)} bytes is shorter than its header")
+        return cls(*_FRAGMENT.unpack_from(payload))
+
+
+def encode_fragment(header: FragmentHeader, chunk: bytes | memoryview) -> bytes:
+    return header.encode() + chunk
+
+
+def split_fragment(payload: bytes | memoryview) -> tuple[FragmentHeader, memoryview]:
+    header = FragmentHeader.decode(payload)
+    return header, memoryview(payload)[FRAGMENT_HEADER_SIZE:]
