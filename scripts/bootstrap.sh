@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Install what `make test` needs: apt packages, a virtualenv in .venv with the
+# package installed editable, and /dev/net/tun. Idempotent and silent when
+# everything is already in place.
+#
+# Usage: scripts/bootstrap.sh [EXTRA_APT_PACKAGE...]
+# Environment:
+#   PYTHON              interpreter used to create .venv (default: python3)
+#   EXTRA_APT_PACKAGES  more apt packages to require (space separated)
+set -euo pipefail
+
+# apt packages every test run needs. Extend here.
+APT_PACKAGES="python3-venv python3-dev python3-pip gcc pkg-config libsystemd-dev
+iproute2 iperf3 nftables procps iputils-ping kmod openssh-client"
+
+PYTHON="${PYTHON:-python3}"
+VENV=.venv
+STAMP="$VENV/.installed-stamp"
+PIP_EXTRAS="test,systemd"
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { echo "bootstrap: $*" >&2; }
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# --- apt packages ------------------------------------------------------------
+missing=()
+for pkg in $APT_PACKAGES ${EXTRA_APT_PACKAGES:-} "$@"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$pkg")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if ! is_root; then
+        log "missing apt packages: ${missing[*]}; run as root (or install them) and retry"
+        exit 1
+    fi
+    log "installing apt packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "${missing[@]}"
+fi
+
+# --- virtualenv ----------------------------------------------------------------
+if ! "$VENV/bin/python" -c 'import pip' >/dev/null 2>&1; then
+    if [ -e "$VENV" ]; then
+        log "$VENV is broken, recreating it"
+        rm -rf "$VENV"
+    fi
+    log "creating $VENV with $PYTHON"
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+fi
+
+if [ ! -e "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+    log "installing secureiod[$PIP_EXTRAS] into $VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$PIP_EXTRAS]"
+    touch "$STAMP"
+fi
+
+# --- /dev/net/tun ----------------------------------------------------------------
+if [ ! -c /dev/net/tun ]; then
+    if is_root; then
+        modprobe tun 2>/dev/null || true
+        if [ ! -c /dev/net/tun ]; then
+            mkdir -p /dev/net && mknod -m 0666 /dev/net/tun c 10 200 2>/dev/null || true
+        fi
+    fi
+    if [ ! -c /dev/net/tun ]; then
+        log "warning: /dev/net/tun is missing; tests that need a TUN device will fail or skip"
+    fi
+fi
