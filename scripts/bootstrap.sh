@@ -11,12 +11,12 @@ set -euo pipefail
 
 # apt packages every test run needs. Extend here.
 APT_PACKAGES="python3-venv python3-dev python3-pip gcc pkg-config libsystemd-dev
-iproute2 iperf3 nftables procps iputils-ping kmod openssh-client"
+iproute2 iperf3 nftables procps iputils-ping kmod openssh-client libsodium23"
 
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
 STAMP="$VENV/.installed-stamp"
-PIP_EXTRAS="test,systemd"
+PIP_EXTRAS="test,systemd,bench"
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
