@@ -1,0 +1,532 @@
+"""The sans-IO secureio session: one peer, bytes and time in, bytes, events and timers out.
+
+Shaped like aioquic's ``QuicConnection``: the caller owns the socket and the clock.
+
+* inputs: ``start(now)``, ``receive_datagram(data, now)``, ``write_message(type, payload,
+  now)``, ``flush(now)``, ``handle_timer(now)``, ``report_too_big(size, now)``,
+  ``close(now)``;
+* outputs: ``datagrams_to_send()``, ``get_timer()``, ``next_event()``, ``stats``.
+
+Receive path order (PROTOCOL §4.6 with the §12 hardening): open the packet (MAC) →
+refuse everything but key exchange from clear/aux packets → only then the replay window →
+messages. A datagram that fails is dropped and counted; it never closes the session
+unless ``close_after_decrypt_failures`` asks for that.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Final
+
+from .constants import (
+    CONTAINER_HEADER_SIZE,
+    DEFAULT_PAYLOAD_SIZE_LIMIT_UDP,
+    MESSAGE_FLAG_CONFIDENTIAL,
+    MESSAGE_FLAG_FRAGMENTED,
+    MESSAGE_HEADER_SIZE,
+    PACKET_OVERHEAD,
+    SALT,
+)
+from .crypto import RandomSource
+from .errors import AuthenticationError, MalformedError, PayloadTooBigError, SecureioError
+from .events import (
+    Closed,
+    DropReason,
+    Event,
+    KeyRotated,
+    MessageReceived,
+    PayloadSizeNegotiated,
+    PeerRestarted,
+    SessionState,
+    StateChanged,
+)
+from .identity import Identity, PublicKey
+from .keyexchange import KeyExchangeOptions, KeyExchanger, KxOutcome
+from .keys import PskKeys
+from .kx_message import KeyExchangeMessage
+from .negotiation import NegotiationOptions, Negotiator
+from .packet import PacketClass, PacketKey, open_packet, seal
+from .reassembly import Reassembler, fragment_message
+from .replay import ReplayWindow
+from .wire import MESSAGE_HEADER, MessageType, SessionID, iter_messages
+
+_KX: Final = MessageType.KEY_EXCHANGE
+_NEG: Final = MessageType.NEGOTIATION
+_CONF: Final = MESSAGE_FLAG_CONFIDENTIAL
+_MAX_EVENTS: Final = 65536
+
+
+class SessionClosedError(SecureioError):
+    """A write on a session that is closing or closed."""
+
+
+class QueueFullError(SecureioError):
+    """More messages written before the session is established than it will hold."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """Every knob, defaulting to the reference's UDP defaults except where §12 says better."""
+
+    payload_size_limit: int = DEFAULT_PAYLOAD_SIZE_LIMIT_UDP
+    """P: the largest payload one packet carries before negotiation (1392 on UDP)."""
+    send_delay: float = 50e-6
+    """Aggregation window for small messages; 0 sends each message in its own packet."""
+    replay_window: int = 0
+    key_exchange: KeyExchangeOptions = field(default_factory=KeyExchangeOptions)
+    psk: bytes | None = None
+    negotiation: NegotiationOptions = field(default_factory=NegotiationOptions)
+    enable_fragmentation: bool = False
+    accept_unencrypted_fragments: bool = False
+    """Reference peers send their fragments in clear/aux packets (§9.1): accepting them
+    means accepting unauthenticated data without a PSK. Off unless a Go peer needs it."""
+    max_fragmented_message_size: int = 65536
+    reassembly_budget: int = 1 << 20
+    max_fragment_chains: int = 8
+    close_after_decrypt_failures: int = 0
+    """Close after this many consecutive undecryptable datagrams; 0 never (the reference
+    closes on the first one, §13 item 12)."""
+    max_queued_messages: int = 1024
+    """Messages held while not yet established; more raise ``QueueFullError``."""
+    salt: bytes = SALT
+
+
+@dataclass(slots=True)
+class SessionStats:
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    rx_messages: int = 0
+    tx_messages: int = 0
+    drops: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in DropReason})
+
+    def drop(self, reason: DropReason) -> None:
+        self.drops[reason.value] += 1
+
+
+class Session:
+    def __init__(
+        self,
+        identity: Identity,
+        remote_identity: PublicKey | None,
+        *,
+        created_at_ns: int,
+        options: SessionOptions | None = None,
+        random: RandomSource = os.urandom,
+    ) -> None:
+        """``created_at_ns`` is the wall-clock UnixNano of creation: it goes on the wire in
+        the SessionID, and a peer tells our restart from a replay by it growing."""
+        self.options = opt = options or SessionOptions()
+        self.identity = identity
+        self.session_id = SessionID(created_at_ns, int.from_bytes(random(8), "little"))
+        self._psk = PskKeys.from_psk(opt.psk, opt.salt) if opt.psk is not None else None
+        self._pid_mask = self._psk.packet_id_mask if self._psk else 0
+        self._fallback = PacketKey.aux(self._psk.aux_key) if self._psk else PacketKey.clear()
+        self._kx = KeyExchanger(
+            identity, remote_identity, self.session_id, opt.key_exchange, self._psk, random
+        )
+        self._negotiator = Negotiator(opt.payload_size_limit, opt.negotiation)
+        self._reassembler = self._new_reassembler()
+        self._replay = ReplayWindow(opt.replay_window)
+        self.state = SessionState.NEW
+        self.payload_size = opt.payload_size_limit
+        """E: payloads up to this size go in one packet (negotiated, else P)."""
+        self.stats = SessionStats()
+        self.last_received: float | None = None
+        """When the last authenticated datagram arrived (for keepalive/dead-peer logic)."""
+        self.last_sent: float | None = None
+        self.close_reason: str | None = None
+
+        self._next_pid = 1
+        self._out: list[bytes] = []
+        self._events: deque[Event] = deque()
+        self._batch: list[bytes] = []
+        self._batch_size = 0
+        self._batch_deadline: float | None = None
+        self._queued: deque[tuple[int, bytes]] = deque()
+        self._blocked_internal: list[bytes] = []
+        self._chain_id = 0
+        self._decrypt_failures = 0
+        self._negotiating_probe_sizes = False
+        self._seen_rotations = (0, 0)
+
+    def _new_reassembler(self) -> Reassembler:
+        opt = self.options
+        return Reassembler(
+            max_message_size=opt.max_fragmented_message_size,
+            max_chains=opt.max_fragment_chains,
+            byte_budget=opt.reassembly_budget,
+        )
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def remote_identity(self) -> PublicKey | None:
+        return self._kx.remote_identity
+
+    @property
+    def remote_session_id(self) -> SessionID | None:
+        return self._kx.remote_session_id
+
+    @property
+    def is_established(self) -> bool:
+        return self.state == SessionState.ESTABLISHED
+
+    @property
+    def key_rotations(self) -> tuple[int, int]:
+        """(local rotations, remote key changes) so far."""
+        return self._kx.rotations, self._kx.remote_rotations
+
+    # -- inputs -----------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        if self.state != SessionState.NEW:
+            return
+        self._set_state(SessionState.KEY_EXCHANGING)
+        self._kx.start(now)
+        self._after_input(now)
+
+    def receive_datagram(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        stats = self.stats
+        if self.state in (SessionState.NEW, SessionState.CLOSED):
+            stats.drop(DropReason.NOT_ACCEPTING)
+            return
+        if not data:
+            stats.drop(DropReason.EMPTY)
+            return
+        kx = self._kx
+        try:
+            opened = open_packet(data, [*kx.recv_keys, self._fallback], self._pid_mask)
+        except MalformedError:
+            self._decrypt_failed(DropReason.MALFORMED, now)
+            return
+        except AuthenticationError:
+            self._decrypt_failed(DropReason.AUTH, now)
+            return
+        if opened.packet_class is PacketClass.SESSION:
+            if not self._replay.accept(opened.packet_id):
+                stats.drop(DropReason.REPLAY)
+                return
+            kx.note_session_packet(kx.recv_slot_ids[opened.key_index])
+            self._accept_datagram(len(data), now)
+            self._process_messages(opened.messages, now, confidential=True)
+        else:
+            # Clear/aux packets are authenticated by nothing but the PacketID (or a static
+            # PSK key): decide what they may carry before they touch any state. They never
+            # move the replay window, so a forged PacketID cannot poison it (§13 item 2).
+            if not self._unencrypted_allowed(opened.messages):
+                stats.drop(DropReason.UNENCRYPTED_PAYLOAD)
+                return
+            self._decrypt_failures = 0
+            stats.rx_packets += 1
+            stats.rx_bytes += len(data)
+            self._process_messages(opened.messages, now, confidential=False)
+        self._after_input(now)
+
+    def write_message(self, message_type: int, payload: bytes | memoryview, now: float) -> None:
+        """Queue one message; it goes out with the next ``datagrams_to_send``.
+
+        Raises ``PayloadTooBigError`` for a payload above the negotiated size when
+        fragmentation is off, ``QueueFullError`` when too much waits for establishment and
+        ``SessionClosedError`` after ``close``.
+        """
+        if self.state in (SessionState.CLOSING, SessionState.CLOSED):
+            raise SessionClosedError("session is closed")
+        if MessageType.is_internal(message_type):
+            raise ValueError("internal message types cannot be written by the application")
+        size = len(payload)
+        opt = self.options
+        limit = opt.max_fragmented_message_size if opt.enable_fragmentation else None
+        if size > self.payload_size and (limit is None or size > limit):
+            raise PayloadTooBigError(
+                f"payload of {size} bytes exceeds the session's {self.payload_size}"
+            )
+        if self.state != SessionState.ESTABLISHED or self._kx.send_key is None:
+            if len(self._queued) >= opt.max_queued_messages:
+                raise QueueFullError("too many messages waiting for the session to establish")
+            self._queued.append((message_type, bytes(payload)))
+            return
+        self._send_data(message_type, payload, now)
+
+    def flush(self, now: float) -> None:
+        """Send the aggregated batch now: an I/O loop calls this when its input runs dry."""
+        if self._batch:
+            self._flush_batch(now)
+
+    def handle_timer(self, now: float) -> None:
+        if self.state == SessionState.CLOSED:
+            return
+        if self._batch_deadline is not None and now >= self._batch_deadline:
+            self._flush_batch(now)
+        self._kx.handle_timer(now)
+        self._negotiator.handle_timer(now)
+        self._after_input(now)
+
+    def report_too_big(self, datagram_size: int, now: float) -> None:
+        """The I/O layer got EMSGSIZE sending a datagram of this size.
+
+        A negotiation probe shrinks the probing (§13 item 20) instead of closing; anything
+        else is counted: the caller's MTU is wrong.
+        """
+        if self.state == SessionState.NEGOTIATING or self._negotiating_probe_sizes:
+            self._negotiator.report_too_big(datagram_size - PACKET_OVERHEAD, now)
+            self._after_input(now)
+        else:
+            self.stats.drop(DropReason.SEND_TOO_BIG)
+
+    def close(self, now: float, reason: str = "closed by application") -> None:
+        """Flush what is batched, then stop; nothing is sent to the peer (there is no close
+        message in the protocol)."""
+        if self.state in (SessionState.CLOSING, SessionState.CLOSED):
+            return
+        self._set_state(SessionState.CLOSING)
+        if self._batch and self._kx.send_key is not None:
+            self._flush_batch(now)
+        self._finish_close(reason)
+
+    # -- outputs ----------------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        if self.state == SessionState.CLOSED:
+            return None
+        times = [
+            t
+            for t in (self._batch_deadline, self._kx.get_timer(), self._negotiator.get_timer())
+            if t is not None
+        ]
+        return min(times) if times else None
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    # -- receive internals ------------------------------------------------------------
+
+    def _unencrypted_allowed(self, messages: bytes) -> bool:
+        allow_fragments = self.options.accept_unencrypted_fragments
+        try:
+            for m in iter_messages(messages):
+                if m.type == _KX and not m.flags & MESSAGE_FLAG_FRAGMENTED:
+                    continue
+                if allow_fragments and m.flags & MESSAGE_FLAG_FRAGMENTED and m.type != _KX:
+                    continue
+                return False
+        except MalformedError:
+            return False
+        return True
+
+    def _accept_datagram(self, size: int, now: float) -> None:
+        self._decrypt_failures = 0
+        self.last_received = now
+        self.stats.rx_packets += 1
+        self.stats.rx_bytes += size
+
+    def _process_messages(self, messages: bytes, now: float, *, confidential: bool) -> None:
+        try:
+            for m in iter_messages(messages):
+                mtype = m.type
+                if m.flags & MESSAGE_FLAG_FRAGMENTED:
+                    self._handle_fragment(mtype, m.payload)
+                elif mtype == _KX:
+                    self._handle_kx(m.payload, now)
+                elif mtype == _NEG:
+                    try:
+                        self._negotiator.handle_message(m.payload, now)
+                    except MalformedError:
+                        self.stats.drop(DropReason.NEGOTIATION_MALFORMED)
+                else:
+                    self._deliver(mtype, bytes(m.payload))
+        except MalformedError:
+            self.stats.drop(DropReason.TRUNCATED_MESSAGE)
+
+    def _handle_kx(self, payload: memoryview, now: float) -> None:
+        try:
+            msg = KeyExchangeMessage.decode(payload)
+        except MalformedError:
+            self.stats.drop(DropReason.KX_MALFORMED)
+            return
+        outcome = self._kx.handle_message(msg, now)
+        if outcome is KxOutcome.ACCEPTED:
+            self.last_received = now
+        elif outcome is KxOutcome.PEER_RESTARTED:
+            self.last_received = now
+            self._peer_restarted(now)
+        else:
+            self.stats.drop(DropReason(outcome.value))
+
+    def _peer_restarted(self, now: float) -> None:
+        """Forget the old remote session: its PacketIDs, chains and negotiation.
+
+        We stay established and keep sending (the peer accepts data in any state), and
+        negotiate again so the restarted peer gets the END it waits for.
+        """
+        self._replay.reset()
+        self._reassembler = self._new_reassembler()
+        self._negotiator = Negotiator(self.options.payload_size_limit, self.options.negotiation)
+        if self.options.negotiation.enabled and self.state in (
+            SessionState.NEGOTIATING,
+            SessionState.ESTABLISHED,
+        ):
+            self._negotiating_probe_sizes = True
+            self._negotiator.start(now)
+        self._emit(PeerRestarted())
+
+    def _handle_fragment(self, mtype: int, payload: memoryview) -> None:
+        try:
+            whole = self._reassembler.add(mtype, payload)
+        except MalformedError:
+            self.stats.drop(DropReason.FRAGMENT_INVALID)
+            return
+        if whole is not None:
+            self._deliver(mtype, whole)
+
+    def _deliver(self, mtype: int, payload: bytes) -> None:
+        self.stats.rx_messages += 1
+        self._emit(MessageReceived(mtype, payload))
+
+    def _decrypt_failed(self, reason: DropReason, now: float) -> None:
+        self.stats.drop(reason)
+        self._decrypt_failures += 1
+        limit = self.options.close_after_decrypt_failures
+        if limit and self._decrypt_failures >= limit:
+            self._finish_close(f"{self._decrypt_failures} consecutive undecryptable datagrams")
+
+    # -- send internals ---------------------------------------------------------------
+
+    def _seal(self, key: PacketKey, messages: bytes, now: float) -> None:
+        pid = self._next_pid
+        self._next_pid = pid + 1
+        datagram = seal(key, pid, messages, self._pid_mask)
+        self._out.append(datagram)
+        self.stats.tx_packets += 1
+        self.stats.tx_bytes += len(datagram)
+        self.last_sent = now
+
+    def _send_data(self, mtype: int, payload: bytes | memoryview, now: float) -> None:
+        self.stats.tx_messages += 1
+        size = len(payload)
+        if size > self.payload_size:
+            self._send_fragments(mtype, payload, now)
+            return
+        encoded = MESSAGE_HEADER.pack(mtype, size, _CONF) + payload
+        if self.options.send_delay <= 0:
+            self._seal(self._kx.send_key, encoded, now)  # type: ignore[arg-type]
+            return
+        needed = MESSAGE_HEADER_SIZE + size
+        if (
+            self._batch
+            and CONTAINER_HEADER_SIZE + self._batch_size + needed
+            > self.payload_size + PACKET_OVERHEAD
+        ):
+            self._flush_batch(now)
+        self._batch.append(encoded)
+        self._batch_size += needed
+        if self._batch_deadline is None:
+            self._batch_deadline = now + self.options.send_delay
+
+    def _send_fragments(self, mtype: int, payload: bytes | memoryview, now: float) -> None:
+        self.flush(now)
+        self._chain_id += 1
+        key = self._kx.send_key
+        for encoded in fragment_message(mtype, payload, self._chain_id, self.payload_size):
+            self._seal(key, encoded, now)  # type: ignore[arg-type]
+
+    def _flush_batch(self, now: float) -> None:
+        batch = self._batch
+        self._batch = []
+        self._batch_size = 0
+        self._batch_deadline = None
+        if batch:
+            self._seal(self._kx.send_key, b"".join(batch), now)  # type: ignore[arg-type]
+
+    def _send_internal(self, mtype: int, payload: bytes, now: float) -> None:
+        encoded = MESSAGE_HEADER.pack(mtype, len(payload), _CONF) + payload
+        key = self._kx.send_key
+        if key is None:
+            self._blocked_internal.append(encoded)
+        else:
+            self._seal(key, encoded, now)
+
+    # -- state machine ----------------------------------------------------------------
+
+    def _after_input(self, now: float) -> None:
+        """Move every sub-machine's output onto the wire and advance the life cycle."""
+        if self.state == SessionState.CLOSED:
+            return
+        kx = self._kx
+        for payload in kx.take_outgoing():
+            encoded = MESSAGE_HEADER.pack(_KX, len(payload), 0) + payload
+            self._seal(self._fallback, encoded, now)
+        rotations = (kx.rotations, kx.remote_rotations)
+        if rotations != self._seen_rotations:
+            if rotations[0] != self._seen_rotations[0]:
+                self._emit(KeyRotated(local=True))
+            if rotations[1] != self._seen_rotations[1]:
+                self._emit(KeyRotated(local=False))
+            self._seen_rotations = rotations
+        if kx.failed:
+            self._finish_close(kx.failed)
+            return
+        if self._blocked_internal and kx.send_key is not None:
+            blocked, self._blocked_internal = self._blocked_internal, []
+            for encoded in blocked:
+                self._seal(kx.send_key, encoded, now)
+        if self.state == SessionState.KEY_EXCHANGING and kx.confirmed_once:
+            self._set_state(SessionState.NEGOTIATING)
+            if self.options.negotiation.enabled:
+                self._negotiator.start(now)
+        neg = self._negotiator
+        for payload in neg.take_outgoing():
+            self._send_internal(_NEG, payload, now)
+        if neg.failed:
+            self._finish_close(neg.failed)
+            return
+        if self.state == SessionState.NEGOTIATING:
+            if not self.options.negotiation.enabled:
+                self._establish(self.options.payload_size_limit, now)
+            elif neg.done:
+                self._establish(neg.result or self.options.payload_size_limit, now)
+        elif self._negotiating_probe_sizes and neg.done:
+            self._negotiating_probe_sizes = False
+            self._set_payload_size(neg.result or self.payload_size)
+        if self.state == SessionState.ESTABLISHED and self._queued and kx.send_key is not None:
+            queued, self._queued = self._queued, deque()
+            for mtype, payload in queued:
+                self._send_data(mtype, payload, now)
+
+    def _establish(self, size: int, now: float) -> None:
+        self._set_payload_size(size)
+        self._set_state(SessionState.ESTABLISHED)
+
+    def _set_payload_size(self, size: int) -> None:
+        self.payload_size = size
+        self._emit(PayloadSizeNegotiated(size))
+
+    def _set_state(self, new: SessionState) -> None:
+        old = self.state
+        if old != new:
+            self.state = new
+            self._emit(StateChanged(old, new))
+
+    def _finish_close(self, reason: str) -> None:
+        if self.state == SessionState.CLOSED:
+            return
+        self.close_reason = reason
+        self._batch = []
+        self._batch_deadline = None
+        self._queued.clear()
+        self._set_state(SessionState.CLOSED)
+        self._emit(Closed(reason))
+
+    def _emit(self, event: Event) -> None:
+        if len(self._events) >= _MAX_EVENTS:
+            self.stats.drop(DropReason.EVENT_QUEUE_FULL)
+            return
+        self._events.append(event)
+
