@@ -533,3 +533,26 @@ def test_key_exchange_without_timeout_retries_forever() -> None:
 def test_options_are_frozen() -> None:
     opt = SessionOptions()
     assert replace(opt, send_delay=0).send_delay == 0
+
+
+def test_forged_clear_kx_is_not_counted_as_received() -> None:
+    """An unsigned clear packet must not look authentic to drivers (rx counters)."""
+    link = _established_pair()
+    b = link.b.session
+    before = (b.stats.rx_packets, b.last_received)
+    forged = seal(PacketKey.clear(), 7, encode_message(MessageType.KEY_EXCHANGE, bytes(146), 0))
+    link.inject(link.b, forged)
+    link.run(0.01)
+    assert (b.stats.rx_packets, b.last_received) == before
+    assert b.stats.drops["kx-bad-signature"] == 1
+
+
+def test_queued_message_above_negotiated_size_is_dropped_without_fragmentation() -> None:
+    link = make_pair(rules=PathRules(max_datagram=1000))
+    link.a.session.write_message(RW, b"q" * 1300, link.now)  # fits P = 1392, not E = 840
+    link.a.session.write_message(RW, b"small", link.now)
+    link.run_until(lambda: established(link), timeout=30)
+    link.run(0.5)
+    assert link.a.session.payload_size == 840
+    assert link.b.messages(RW) == [b"small"]
+    assert link.a.session.stats.drops["queued-too-big"] == 1

@@ -42,6 +42,8 @@ class DropReason(enum.Enum):
     """Received while the session is new or closed."""
     EVENT_QUEUE_FULL = "event-queue-full"
     SEND_TOO_BIG = "send-too-big"
+    QUEUED_TOO_BIG = "queued-too-big"
+    """Written before establishment, larger than the size negotiation then settled on."""
     """The I/O layer reported EMSGSIZE for a non-probe datagram."""
 
 

@@ -152,6 +152,7 @@ class Session:
         self._decrypt_failures = 0
         self._negotiating_probe_sizes = False
         self._seen_rotations = (0, 0)
+        self._kx_accepted = False
 
     def _new_reassembler(self) -> Reassembler:
         opt = self.options
@@ -220,11 +221,26 @@ class Session:
             if not self._unencrypted_allowed(opened.messages):
                 stats.drop(DropReason.UNENCRYPTED_PAYLOAD)
                 return
-            self._decrypt_failures = 0
-            stats.rx_packets += 1
-            stats.rx_bytes += len(data)
+            self._kx_accepted = False
             self._process_messages(opened.messages, now, confidential=False)
+            if self._kx_accepted:  # a signature verified: now it counts as authentic
+                self._accept_datagram(len(data), now)
         self._after_input(now)
+
+    def owns_datagram(self, data: bytes | memoryview) -> bool:
+        """Would one of this session's current keys open ``data``? Changes no state.
+
+        For a multi-peer daemon that gets a session packet from an unknown address (a
+        roaming peer): it asks each candidate session before handing the datagram over.
+        """
+        keys = self._kx.recv_keys
+        if not keys:
+            return False
+        try:
+            open_packet(data, keys, self._pid_mask)
+        except (MalformedError, AuthenticationError):
+            return False
+        return True
 
     def write_message(self, message_type: int, payload: bytes | memoryview, now: float) -> None:
         """Queue one message; it goes out with the next ``datagrams_to_send``.
@@ -353,8 +369,10 @@ class Session:
             return
         outcome = self._kx.handle_message(msg, now)
         if outcome is KxOutcome.ACCEPTED:
+            self._kx_accepted = True
             self.last_received = now
         elif outcome is KxOutcome.PEER_RESTARTED:
+            self._kx_accepted = True
             self.last_received = now
             self._peer_restarted(now)
         else:
@@ -409,11 +427,16 @@ class Session:
         self.last_sent = now
 
     def _send_data(self, mtype: int, payload: bytes | memoryview, now: float) -> None:
-        self.stats.tx_messages += 1
         size = len(payload)
         if size > self.payload_size:
+            if not self.options.enable_fragmentation:
+                # Accepted while E was still P, but negotiation settled lower.
+                self.stats.drop(DropReason.QUEUED_TOO_BIG)
+                return
+            self.stats.tx_messages += 1
             self._send_fragments(mtype, payload, now)
             return
+        self.stats.tx_messages += 1
         encoded = MESSAGE_HEADER.pack(mtype, size, _CONF) + payload
         if self.options.send_delay <= 0:
             self._seal(self._kx.send_key, encoded, now)  # type: ignore[arg-type]

@@ -1,0 +1,332 @@
+"""The UDP adapter: one non-blocking datagram socket, batched reads, non-blocking sends.
+
+It knows nothing of secureio. It owns the file descriptor and turns the system calls'
+failure modes into values a caller can act on without ``try``/``except`` on the hot path:
+a send that the kernel refuses as too big (``EMSGSIZE``) comes back as
+``SendResult.TOO_BIG`` so the caller can tell the session (``Session.report_too_big``), a
+full socket buffer is a counted drop (UDP is lossy anyway; blocking would stall every peer
+behind one slow one), and anything else is counted and logged once per kind so a broken
+route cannot flood the journal.
+
+It is synchronous on purpose: the asyncio API (``secureiod.aio``) and the daemon both put
+the file descriptor into their own event loop and call ``recv_batch``/``send`` when it is
+ready.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import ipaddress
+import logging
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Final
+
+__all__ = [
+    "DEFAULT_BUFFER_SIZE",
+    "RECV_BUFFER_SIZE",
+    "Address",
+    "SendResult",
+    "UdpSocket",
+    "UdpStats",
+    "format_endpoint",
+    "parse_endpoint",
+    "resolve_endpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int] | tuple[str, int, int, int]
+"""A socket address as the ``socket`` module gives it: (host, port) for IPv4,
+(host, port, flowinfo, scope_id) for IPv6."""
+
+DEFAULT_BUFFER_SIZE: Final = 4 * 1024 * 1024
+"""Kernel socket buffers: large enough to ride out a burst while the loop is busy
+decrypting, so bursts are not dropped in the kernel before we even see them."""
+RECV_BUFFER_SIZE: Final = 65535 + 1024
+"""Larger than any UDP payload (65507 on IPv4, 65527 on IPv6), so a datagram is never
+silently truncated: the protocol needs the peer's P + 53 bytes at least (§12 item 1)."""
+
+# Linux values; the ``socket`` module does not export them (include/uapi/linux/in.h, in6.h).
+_IP_MTU_DISCOVER: Final = getattr(socket, "IP_MTU_DISCOVER", 10)
+_IP_PMTUDISC_DO: Final = getattr(socket, "IP_PMTUDISC_DO", 2)
+_IPV6_MTU_DISCOVER: Final = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+_IPV6_PMTUDISC_DO: Final = getattr(socket, "IPV6_PMTUDISC_DO", 2)
+_IPV6_DONTFRAG: Final = getattr(socket, "IPV6_DONTFRAG", 62)
+_SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)
+_SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+_DROP_ERRNOS: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
+_ENDPOINT_FORMS: Final = "expected HOST:PORT, [IPv6]:PORT or :PORT"
+
+
+class SendResult(enum.Enum):
+    """What became of one ``send``; only ``TOO_BIG`` asks the caller to do something."""
+
+    SENT = "sent"
+    TOO_BIG = "too-big"
+    """EMSGSIZE: larger than the path MTU the kernel knows (the socket does not fragment);
+    hand ``len(data)`` to ``Session.report_too_big``."""
+    DROPPED = "dropped"
+    """The socket buffer was full (EAGAIN/ENOBUFS): lost like any UDP datagram."""
+    ERROR = "error"
+    """Any other failure (no route, address family mismatch, ...); counted and logged."""
+
+
+@dataclass(slots=True)
+class UdpStats:
+    rx_datagrams: int = 0
+    rx_bytes: int = 0
+    rx_errors: int = 0
+    tx_datagrams: int = 0
+    tx_bytes: int = 0
+    tx_dropped: int = 0
+    tx_too_big: int = 0
+    tx_errors: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    """Counts of the 'other' OSErrors, keyed by errno name, for status output."""
+
+
+# --- endpoints ------------------------------------------------------------------------------
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` into (host, port).
+
+    An empty host (``:PORT``) means "any address" to a listener. A bare IPv6 address with a
+    port is refused rather than guessed at, because ``::1:5000`` is ambiguous. Port 0 is
+    allowed here (a listener picking a free port); a caller that connects checks for it.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"endpoint must be text, not {type(text).__name__}")
+    value = text.strip()
+    if not value:
+        raise ValueError(f"empty endpoint; {_ENDPOINT_FORMS}")
+    if value.startswith("["):
+        close = value.find("]")
+        if close < 0:
+            raise ValueError(f"{text!r}: missing ']' after the IPv6 address; {_ENDPOINT_FORMS}")
+        host = value[1:close]
+        rest = value[close + 1 :]
+        if not rest.startswith(":"):
+            raise ValueError(f"{text!r}: missing ':PORT' after ']'; {_ENDPOINT_FORMS}")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r}: missing ':PORT'; {_ENDPOINT_FORMS}")
+        if ":" in host:
+            raise ValueError(
+                f"{text!r}: put an IPv6 address in brackets, e.g. [{host}]:{port_text}"
+            )
+        if any(c.isspace() for c in host):
+            raise ValueError(f"{text!r}: the host contains whitespace")
+    if not port_text.isdigit() or not port_text.isascii():
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number in 0..65535")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{text!r}: port {port} is out of range 0..65535")
+    return host, port
+
+
+def format_endpoint(address: Address | tuple[str, int]) -> str:
+    """The inverse of ``parse_endpoint``, for log lines and CLI output."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def resolve_endpoint(
+    host: str, port: int, *, family: int = socket.AF_UNSPEC, passive: bool = False
+) -> tuple[int, Address]:
+    """Resolve to (family, sockaddr) with getaddrinfo; the first answer wins.
+
+    Blocking (it may ask DNS): asyncio callers use ``loop.getaddrinfo`` instead. An empty
+    host with ``passive`` is the IPv4 wildcard: a dual-stack socket would hand us
+    v4-mapped addresses and make roaming comparisons surprising.
+    """
+    if not host:
+        if not passive:
+            raise ValueError("an address to send to needs a host")
+        host = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    flags = socket.AI_PASSIVE if passive else 0
+    infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM, socket.IPPROTO_UDP, flags)
+    if not infos:  # pragma: no cover - getaddrinfo raises instead
+        raise OSError(f"no address for {host!r}")
+    fam, _, _, _, sockaddr = infos[0]
+    return int(fam), sockaddr
+
+
+# --- the socket -----------------------------------------------------------------------------
+
+
+class UdpSocket:
+    """A non-blocking UDP socket with the options the protocol wants (see module doc)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        """Wrap an existing socket (e.g. one handed over by systemd); ``bind`` makes one."""
+        sock.setblocking(False)
+        self._sock = sock
+        self.family = sock.family
+        self.stats = UdpStats()
+        self._buffer = bytearray(RECV_BUFFER_SIZE)
+        self._view = memoryview(self._buffer)
+        self._logged: set[tuple[str, int]] = set()
+
+    @classmethod
+    def bind(
+        cls,
+        address: Address | tuple[str, int],
+        *,
+        family: int | None = None,
+        dont_fragment: bool = True,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        reuse_address: bool = False,
+    ) -> UdpSocket:
+        """Create a socket bound to ``address`` (a sockaddr; port 0 picks a free port).
+
+        ``dont_fragment`` (default) makes the kernel refuse datagrams above the path MTU with
+        EMSGSIZE instead of fragmenting them, as the reference does on Linux (§8.4): the
+        session's path-size negotiation then sees the real limit.
+        """
+        if family is None:
+            family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.IPPROTO_UDP)
+        try:
+            if reuse_address:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _set_buffers(sock, buffer_size)
+            if dont_fragment:
+                _set_dont_fragment(sock)
+            sock.bind(address)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.fileno() < 0
+
+    @property
+    def local_address(self) -> Address:
+        return self._sock.getsockname()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def recv_batch(self, max_count: int = 64) -> list[tuple[bytes, Address]]:
+        """Read up to ``max_count`` datagrams, stopping early when the socket is empty.
+
+        One wake-up, many datagrams: the caller feeds them all to the session and flushes
+        once. Errors other than "empty" (e.g. a queued ICMP error) are counted and end the
+        batch; the next readiness notification continues.
+        """
+        sock = self._sock
+        view = self._view
+        stats = self.stats
+        out: list[tuple[bytes, Address]] = []
+        for _ in range(max_count):
+            try:
+                size, addr = sock.recvfrom_into(self._buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                stats.rx_errors += 1
+                self._note_error("receive", exc)
+                break
+            stats.rx_datagrams += 1
+            stats.rx_bytes += size
+            out.append((bytes(view[:size]), addr))
+        return out
+
+    def send(self, data: bytes | bytearray | memoryview, address: Address) -> SendResult:
+        """Send one datagram without blocking; never raises for network conditions."""
+        try:
+            self._sock.sendto(data, address)
+        except OSError as exc:
+            return self._send_failed(exc)
+        stats = self.stats
+        stats.tx_datagrams += 1
+        stats.tx_bytes += len(data)
+        return SendResult.SENT
+
+    def _send_failed(self, exc: OSError) -> SendResult:
+        code = exc.errno
+        stats = self.stats
+        if isinstance(exc, BlockingIOError) or code in _DROP_ERRNOS:
+            stats.tx_dropped += 1
+            return SendResult.DROPPED
+        if code == errno.EMSGSIZE:
+            stats.tx_too_big += 1
+            return SendResult.TOO_BIG
+        stats.tx_errors += 1
+        self._note_error("send", exc)
+        return SendResult.ERROR
+
+    def _note_error(self, what: str, exc: OSError) -> None:
+        code = exc.errno or 0
+        name = errno.errorcode.get(code, type(exc).__name__)
+        kinds = self.stats.errors_by_kind
+        kinds[name] = kinds.get(name, 0) + 1
+        if (what, code) not in self._logged:
+            self._logged.add((what, code))
+            logger.warning(
+                "UDP %s on %s failed: %s (further %s errors of this kind are only counted)",
+                what,
+                self._describe(),
+                exc.strerror or exc,
+                what,
+            )
+
+    def _describe(self) -> str:
+        try:
+            return format_endpoint(self.local_address)
+        except OSError:
+            return "a closed socket"
+
+    def __repr__(self) -> str:
+        return f"UdpSocket({self._describe()})"
+
+
+def _set_buffers(sock: socket.socket, size: int) -> None:
+    """Ask for big buffers: the FORCE variants pass rmem_max when we have CAP_NET_ADMIN,
+    the plain ones are capped by it; a failure only costs burst tolerance."""
+    for force, plain in ((_SO_RCVBUFFORCE, socket.SO_RCVBUF), (_SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+            continue
+        except OSError:
+            pass
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+        except OSError as exc:
+            logger.debug("cannot set UDP socket buffer to %d bytes: %s", size, exc)
+
+
+def _set_dont_fragment(sock: socket.socket) -> None:
+    """Linux: IP(V6)_PMTUDISC_DO; elsewhere only IPV6_DONTFRAG if it exists.
+
+    A failure is logged, not raised, as in the reference: the session still works, only an
+    oversize datagram is fragmented (or dropped on the path) instead of refused locally.
+    """
+    options: list[tuple[int, int, int]] = []
+    if sock.family == socket.AF_INET6:
+        if sys.platform.startswith("linux"):
+            options.append((socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DO))
+        options.append((socket.IPPROTO_IPV6, _IPV6_DONTFRAG, 1))
+    elif sys.platform.startswith("linux"):
+        options.append((socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO))
+    for level, name, value in options:
+        try:
+            sock.setsockopt(level, name, value)
+        except OSError as exc:
+            logger.warning("cannot forbid fragmentation on the UDP socket: %s", exc)
