@@ -12,17 +12,17 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from . import ArgumentParser, CliError
+from . import ArgumentParser, CliError, ctl
 
 __all__ = ["PROG", "build_parser", "main"]
 
 PROG = "secureioctl"
 
 
-def _subcommands() -> tuple[ModuleType, ...]:
+def _subcommands() -> tuple[ModuleType | ctl.Subcommand, ...]:
     from . import cat
 
-    return (cat,)
+    return (cat, *ctl.ALL)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -538,6 +538,26 @@ def write_identity(
         )
 
 
+def write_identity_file(
+    path: str | os.PathLike[str], identity: Identity, *, overwrite: bool = False
+) -> Path:
+    """Write the private key to ``path`` (0600) and its public key to ``path.pub`` (0644),
+    creating the parent directory (0700) if needed; for configs that name a key file, as
+    ``private_key = "/etc/secureiod/id_ed25519"`` does. Returns the public file's path."""
+    path = Path(path)
+    if os.path.isdir(path):
+        raise _fail(path, "is a directory; give a file name, e.g. " + str(path / PRIVATE_KEY_FILE))
+    _make_dir(path.parent)
+    if not _write_file(path, identity.to_pem(), 0o600, replace=overwrite):
+        raise _fail(
+            path, "private key already exists; refusing to overwrite it (move it away first)"
+        )
+    public = path.with_name(path.name + ".pub")
+    _write_file(public, identity.public_key.to_pem(), 0o644, replace=True)
+    _fsync_dir(path.parent)
+    return public
+
+
 def load_or_create_identity(path: str | os.PathLike[str]) -> Identity:
     """Load the identity at ``path``, creating one on first start (Go's ``NewIdentity(dir)``).
 

@@ -1,0 +1,149 @@
+"""``secureiod``: the daemon's entry point.
+
+Order of work: validate the config (``--check`` stops here) → open the TUN device and
+configure it (addresses, MTU, link up, routes) → bind the UDP socket and the control
+socket → drop privileges if asked, keeping CAP_NET_ADMIN for later MTU and route changes
+→ start one session per peer → tell systemd READY=1 → serve. On SIGTERM: close sessions,
+remove what we created (routes and addresses on a pre-existing device; the device itself
+goes away with its fd), remove the socket, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..config import ConfigError, check_config, load_config
+from ..control import ControlError
+from ..device import Device, install_signal_handlers
+from ..netlink import Netlink, NetlinkError
+from ..notify import Notifier, setup_logging
+from ..privileges import PrivilegeError, drop_privileges
+from ..tun import TunDevice, TunError
+from ..udp import UdpSocket, resolve_endpoint
+from . import ArgumentParser
+
+logger = logging.getLogger("secureiod")
+PROG = "secureiod"
+DEFAULT_DIR = Path("/etc/secureiod")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description="secureio VPN daemon (one TUN interface)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--config", "-c", type=Path, help="config file (TOML)")
+    where.add_argument(
+        "--interface", "-i", metavar="IFNAME", help=f"read {DEFAULT_DIR}/IFNAME.toml"
+    )
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--user", help="drop to this user after setup (keeps CAP_NET_ADMIN)")
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+    parser.add_argument(
+        "--no-control-socket", action="store_true", help="do not serve the control socket"
+    )
+    return parser
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.config is not None:
+        config_path = args.config
+    elif args.interface:
+        config_path = DEFAULT_DIR / f"{args.interface}.toml"
+    else:
+        return _fail("give --config PATH or --interface IFNAME", 2)
+    if args.check:
+        try:
+            print(check_config(config_path))
+        except ConfigError as exc:
+            return _fail(str(exc), 2)
+        return 0
+    setup_logging(args.log_level.upper())
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    user = args.user or config.interface.user
+    try:
+        return _serve(config, config_path, user, control=not args.no_control_socket)
+    except (TunError, NetlinkError, ControlError, PrivilegeError, OSError) as exc:
+        logger.error("%s", exc)
+        return 1
+
+
+def _serve(config, config_path: Path, user: str | None, *, control: bool) -> int:  # type: ignore[no-untyped-def]
+    iface = config.interface
+    tun = TunDevice.open(iface.name)
+    created_addresses: list = []
+    netlink = Netlink()
+    device: Device | None = None
+    try:
+        listen = iface.listen
+        family, sockaddr = resolve_endpoint(listen.host, listen.port, passive=True)
+        udp = UdpSocket.bind(sockaddr, family=family)
+        notifier = Notifier.from_env()
+        device = Device(
+            config,
+            tun=tun,
+            udp=udp,
+            netlink=netlink,
+            notifier=notifier,
+            control_path=iface.control_socket if control else None,
+        )
+        device.config_path = config_path
+        device.load_config = load_config
+        device.configure_interface()
+        created_addresses = list(iface.address)
+        if user:
+            drop_privileges(user)
+            logger.info("running as %s with CAP_NET_ADMIN only", user)
+        device.add_peers(list(config.peers), device.clock())
+        install_signal_handlers(device)
+        logger.info(
+            "%s up: listening on %s, %d peer(s), public key %s",
+            tun.name,
+            udp.local_address,
+            len(config.peers),
+            config.identity.public_key,
+        )
+        reason = device.run()
+        logger.info("stopping (%s)", reason)
+        notifier.stopping()
+        return 0
+    finally:
+        if device is not None:
+            device.close()
+        if tun.preexisted:
+            _cleanup_preexisting(netlink, tun.name, device, created_addresses)
+        tun.close()
+        netlink.close()
+
+
+def _cleanup_preexisting(netlink: Netlink, name: str, device, addresses: list) -> None:  # type: ignore[no-untyped-def]
+    """A device we did not create stays, but loses what we added to it."""
+    if device is not None:
+        for peer in list(device.peers.values()):
+            for net in peer.config.allowed_ips:
+                try:
+                    netlink.delete_route(net, name)
+                except NetlinkError as exc:
+                    logger.warning("%s", exc)
+    for address in addresses:
+        try:
+            netlink.delete_address(name, address)
+        except NetlinkError as exc:
+            logger.warning("%s", exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
