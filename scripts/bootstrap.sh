@@ -11,7 +11,7 @@ set -euo pipefail
 
 # apt packages every test run needs. Extend here.
 APT_PACKAGES="python3-venv python3-dev python3-pip gcc pkg-config libsystemd-dev
-iproute2 iperf3 nftables procps iputils-ping kmod openssh-client libsodium23"
+iproute2 iperf3 nftables procps iputils-ping kmod openssh-client libsodium23 libsodium-dev"
 
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
@@ -52,7 +52,8 @@ if ! "$VENV/bin/python" -c 'import pip' >/dev/null 2>&1; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
 fi
 
-if [ ! -e "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+if [ ! -e "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ setup.py -nt "$STAMP" ] \
+    || [ secureiod/secureio/_accel.c -nt "$STAMP" ]; then
     log "installing secureiod[$PIP_EXTRAS] into $VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$PIP_EXTRAS]"
     touch "$STAMP"

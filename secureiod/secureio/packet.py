@@ -24,6 +24,7 @@ from AUX/CLEAR packets before the replay window moves.
 from __future__ import annotations
 
 import enum
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,33 @@ _POLY_XOR_PID: Final = int.from_bytes(POLY_KEY_XOR[:8], "little")
 _POLY_XOR_KEY: Final = int.from_bytes(POLY_KEY_XOR[8:32], "little")
 _HEAD_PLAIN: Final = CONTAINER_HEADER_SIZE - 8  # 36: both tags and Length
 _UINT64_MASK: Final = (1 << 64) - 1
+
+
+def _load_accel() -> object | None:
+    """The optional C implementation (``_accel.c``); ``SECUREIOD_PURE_PYTHON=1`` or a
+    missing build selects the pure-Python functions below, which define the behaviour."""
+    if os.environ.get("SECUREIOD_PURE_PYTHON"):
+        return None
+    try:
+        from . import _accel  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _accel
+
+
+ACCEL: Final = _load_accel()
+_OPEN_ERRORS: Final = {
+    1: MalformedError,
+    2: AuthenticationError,
+    3: AuthenticationError,
+    4: MalformedError,
+}
+_OPEN_REASONS: Final = {
+    1: "shorter than a header, or packet id 0",
+    2: "no key verifies it",
+    3: "header tag verified but messages tag not",
+    4: "Length disagrees with the datagram",
+}
 
 
 class PacketClass(enum.IntEnum):
@@ -106,6 +134,15 @@ class OpenedPacket:
 
 def seal(key: PacketKey, packet_id: int, messages: bytes, packet_id_mask: int = 0) -> bytes:
     """Build one datagram: ``pid' || E(HeadersTag || MessagesTag || LE32(Length) || messages)``."""
+    if ACCEL is not None and 0 < packet_id <= _UINT64_MASK:
+        return ACCEL.seal(key.stream_key, key.mac_seed, packet_id, messages, packet_id_mask)  # type: ignore[attr-defined]
+    return seal_python(key, packet_id, messages, packet_id_mask)
+
+
+def seal_python(
+    key: PacketKey, packet_id: int, messages: bytes, packet_id_mask: int = 0
+) -> bytes:
+    """The reference implementation of ``seal`` (and the fallback without ``_accel``)."""
     if not 0 < packet_id <= _UINT64_MASK:
         raise ValueError("packet id must be in 1..2^64-1")
     pk = key.poly_key(packet_id)
@@ -126,6 +163,21 @@ def read_packet_id(data: bytes | memoryview, packet_id_mask: int = 0) -> int:
 
 
 def open_packet(
+    data: bytes | memoryview, keys: Sequence[PacketKey], packet_id_mask: int = 0
+) -> OpenedPacket:
+    """Open a datagram with the first key whose header tag verifies (see ``open_python``)."""
+    if ACCEL is None:
+        return open_python(data, keys, packet_id_mask)
+    result = ACCEL.open(  # type: ignore[attr-defined]
+        data, tuple([(k.stream_key, k.mac_seed) for k in keys]), packet_id_mask
+    )
+    if type(result) is int:
+        raise _OPEN_ERRORS[result](f"datagram of {len(data)} bytes: {_OPEN_REASONS[result]}")
+    pid, index, messages = result
+    return OpenedPacket(pid, keys[index].packet_class, index, messages)
+
+
+def open_python(
     data: bytes | memoryview, keys: Sequence[PacketKey], packet_id_mask: int = 0
 ) -> OpenedPacket:
     """Open a datagram with the first key whose header tag verifies.

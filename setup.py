@@ -1,0 +1,19 @@
+"""Build the optional C accelerator; everything else is in pyproject.toml.
+
+The extension is ``optional``: where libsodium's headers or a compiler are missing the
+install still succeeds and ``secureiod.secureio.packet`` uses its pure-Python path.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "secureiod.secureio._accel",
+            ["secureiod/secureio/_accel.c"],
+            libraries=["sodium"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        )
+    ]
+)
