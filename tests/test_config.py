@@ -41,7 +41,6 @@ from secureiod.config import (
 from secureiod.secureio.identity import Identity, PublicKey, write_identity
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "config"
-IS_ROOT = os.geteuid() == 0
 TUNNEL_V4 = ipaddress.ip_network("198.19.0.0/16")
 TUNNEL_V6 = ipaddress.ip_network("fd00:5ec::/48")
 
