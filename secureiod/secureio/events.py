@@ -53,8 +53,10 @@ class StateChanged:
     new: SessionState
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageReceived:
+    """One message (created per packet: a plain slots class, cheaper than a frozen one)."""
+
     type: int
     payload: bytes
 

@@ -96,7 +96,8 @@ class KeyExchanger:
 
         self.pending_rotation = False
         """Our ``local_next`` is not yet confirmed by the peer (drives retries/timeout)."""
-        self._send_uses_next = False
+        self.send_confirmed = False
+        """Sending uses ``local_next``: the peer has shown it knows our newest key."""
         self.confirmed_once = False
         self.failed: str | None = None
         self.rotations = 0
@@ -113,6 +114,8 @@ class KeyExchanger:
         """Session-class keys to try on receipt, in slot order RB, RL, RR, PREV."""
         self.recv_slot_ids: list[int] = []
         self.send_key: PacketKey | None = None
+        self.keys_version = 0
+        """Bumped whenever ``recv_keys``/``send_key`` change, so callers can cache."""
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -177,8 +180,8 @@ class KeyExchanger:
 
     def note_session_packet(self, slot_id: int) -> None:
         """A packet opened under a slot built on ``local_next`` proves the peer has it."""
-        if not self._send_uses_next and slot_id in (SLOT_RB, SLOT_RL):
-            self._send_uses_next = True
+        if not self.send_confirmed and slot_id in (SLOT_RB, SLOT_RL):
+            self.send_confirmed = True
             self._rebuild_packet_keys()
             if self.pending_rotation and self._opt.answers_mode != AnswersMode.ANSWER_AND_WAIT:
                 self._confirm()
@@ -222,7 +225,7 @@ class KeyExchanger:
         s.local_prev, s.local_next, s.cipher_keys = s.local_next, new, keys
         self._local_public = x25519_public(new)
         self.pending_rotation = True
-        self._send_uses_next = False
+        self.send_confirmed = False
         self.rotations += 1
         self._rebuild_packet_keys()
         self._queue(is_answer=False)
@@ -235,8 +238,8 @@ class KeyExchanger:
         self.confirmed_once = True
         self._deadline = None
         self._next_retry = None
-        if not self._send_uses_next:
-            self._send_uses_next = True
+        if not self.send_confirmed:
+            self.send_confirmed = True
             self._rebuild_packet_keys()
 
     def _derive(
@@ -270,6 +273,7 @@ class KeyExchanger:
         return keys
 
     def _rebuild_packet_keys(self) -> None:
+        self.keys_version += 1
         s = self._slots
         rsid = self.remote_session_id
         if rsid is None:
@@ -279,7 +283,7 @@ class KeyExchanger:
             ids = sorted(s.cipher_keys)
             self.recv_slot_ids = ids
             self.recv_keys = [PacketKey.session(s.cipher_keys[i], rsid_bytes) for i in ids]
-        slot = SLOT_RB if self._send_uses_next else SLOT_RR
+        slot = SLOT_RB if self.send_confirmed else SLOT_RR
         key = s.cipher_keys.get(slot)
         self.send_key = PacketKey.session(key, self._local_sid_bytes) if key else None
 

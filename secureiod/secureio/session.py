@@ -47,7 +47,7 @@ from .keyexchange import KeyExchangeOptions, KeyExchanger, KxOutcome
 from .keys import PskKeys
 from .kx_message import KeyExchangeMessage
 from .negotiation import NegotiationOptions, Negotiator
-from .packet import PacketClass, PacketKey, open_packet, seal
+from .packet import KeyRing, PacketClass, PacketKey, open_packet, open_ring, seal
 from .reassembly import Reassembler, fragment_message
 from .replay import ReplayWindow
 from .wire import MESSAGE_HEADER, MessageType, SessionID, iter_messages
@@ -153,6 +153,9 @@ class Session:
         self._negotiating_probe_sizes = False
         self._seen_rotations = (0, 0)
         self._kx_accepted = False
+        self._needs_update = False
+        self._ring = KeyRing([self._fallback])
+        self._ring_version = -1
 
     def _new_reassembler(self) -> Reassembler:
         opt = self.options
@@ -199,33 +202,61 @@ class Session:
             stats.drop(DropReason.EMPTY)
             return
         kx = self._kx
+        if kx.keys_version != self._ring_version:
+            self._ring = KeyRing([*kx.recv_keys, self._fallback])
+            self._ring_version = kx.keys_version
+        ring = self._ring
         try:
-            opened = open_packet(data, [*kx.recv_keys, self._fallback], self._pid_mask)
+            pid, index, messages = open_ring(data, ring, self._pid_mask)
         except MalformedError:
             self._decrypt_failed(DropReason.MALFORMED, now)
             return
         except AuthenticationError:
             self._decrypt_failed(DropReason.AUTH, now)
             return
-        if opened.packet_class is PacketClass.SESSION:
-            if not self._replay.accept(opened.packet_id):
+        if ring.keys[index].packet_class is PacketClass.SESSION:
+            if not self._replay.accept(pid):
                 stats.drop(DropReason.REPLAY)
                 return
-            kx.note_session_packet(kx.recv_slot_ids[opened.key_index])
-            self._accept_datagram(len(data), now)
-            self._process_messages(opened.messages, now, confidential=True)
+            if not kx.send_confirmed:
+                kx.note_session_packet(kx.recv_slot_ids[index])
+                self._needs_update = True
+            self._decrypt_failures = 0
+            self.last_received = now
+            stats.rx_packets += 1
+            stats.rx_bytes += len(data)
+            # The common case, one data message filling the packet, without the generic walk.
+            if len(messages) >= MESSAGE_HEADER_SIZE:
+                mtype, length, flags = MESSAGE_HEADER.unpack_from(messages)
+                if (
+                    length + MESSAGE_HEADER_SIZE == len(messages)
+                    and not flags & MESSAGE_FLAG_FRAGMENTED
+                    and mtype != _KX
+                    and mtype != _NEG
+                ):
+                    stats.rx_messages += 1
+                    events = self._events
+                    if len(events) < _MAX_EVENTS:
+                        events.append(MessageReceived(mtype, messages[MESSAGE_HEADER_SIZE:]))
+                    else:
+                        stats.drop(DropReason.EVENT_QUEUE_FULL)
+                    if self._needs_update:
+                        self._after_input(now)
+                    return
+            self._process_messages(messages, now, confidential=True)
         else:
             # Clear/aux packets are authenticated by nothing but the PacketID (or a static
             # PSK key): decide what they may carry before they touch any state. They never
             # move the replay window, so a forged PacketID cannot poison it (§13 item 2).
-            if not self._unencrypted_allowed(opened.messages):
+            if not self._unencrypted_allowed(messages):
                 stats.drop(DropReason.UNENCRYPTED_PAYLOAD)
                 return
             self._kx_accepted = False
-            self._process_messages(opened.messages, now, confidential=False)
+            self._process_messages(messages, now, confidential=False)
             if self._kx_accepted:  # a signature verified: now it counts as authentic
                 self._accept_datagram(len(data), now)
-        self._after_input(now)
+        if self._needs_update:
+            self._after_input(now)
 
     def owns_datagram(self, data: bytes | memoryview) -> bool:
         """Would one of this session's current keys open ``data``? Changes no state.
@@ -350,8 +381,10 @@ class Session:
                 if m.flags & MESSAGE_FLAG_FRAGMENTED:
                     self._handle_fragment(mtype, m.payload)
                 elif mtype == _KX:
+                    self._needs_update = True
                     self._handle_kx(m.payload, now)
                 elif mtype == _NEG:
+                    self._needs_update = True
                     try:
                         self._negotiator.handle_message(m.payload, now)
                     except MalformedError:
@@ -479,7 +512,12 @@ class Session:
     # -- state machine ----------------------------------------------------------------
 
     def _after_input(self, now: float) -> None:
-        """Move every sub-machine's output onto the wire and advance the life cycle."""
+        """Move every sub-machine's output onto the wire and advance the life cycle.
+
+        Runs after every input that can change a sub-machine (key exchange, negotiation,
+        timers, a newly confirmed send key); a plain data packet skips it.
+        """
+        self._needs_update = False
         if self.state == SessionState.CLOSED:
             return
         kx = self._kx
