@@ -9,13 +9,14 @@ RUFF   := $(VENV)/bin/ruff
 # Lint what exists; test the directories that actually contain test files
 # (pytest exits 5 on a directory with no tests).
 LINT_DIRS := $(wildcard secureiod tests bench netns-tests)
-TEST_DIRS := $(foreach d,tests netns-tests,\
+TEST_DIRS := $(foreach d,tests netns-tests packaging/tests,\
                $(if $(shell find $(d) -name 'test_*.py' -print -quit 2>/dev/null),$(d)))
 
-.PHONY: help bootstrap venv test lint fmt bench-protocol bench-crypto demo clean distclean
+.PHONY: help bootstrap venv test lint fmt bench-protocol bench-crypto demo netns-test clean distclean
 
 help:
-	@echo "make demo            tunnel between two network namespaces (arrives with the daemon)"
+	@echo "make demo            tunnel between two network namespaces (needs root)"
+	@echo "make netns-test      only the end-to-end suite in network namespaces (needs root)"
 	@echo "make test            bootstrap, then ruff + the whole pytest suite"
 	@echo "make lint | fmt      ruff check | ruff format"
 	@echo "make bench-protocol  protocol benchmark"
@@ -46,8 +47,11 @@ bench-protocol: bootstrap
 bench-crypto: bootstrap
 	$(VPY) bench/crypto_routes.py
 
-demo:
-	@echo "make demo: the daemon is not implemented yet (issue 4)"; exit 1
+demo: bootstrap
+	$(VPY) scripts/demo.py
+
+netns-test: bootstrap
+	$(VPY) -m pytest netns-tests -q
 
 clean:
 	rm -rf .pytest_cache .ruff_cache .hypothesis build dist *.egg-info
@@ -55,3 +59,19 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# --- Debian package and its systemd test (packaging/) ---------------------------------
+# `make deb` builds dist/secureiod_<version>-1_<arch>.deb on Debian 12 (as root);
+# `make test-systemd` boots two Debian 12 containers with systemd-nspawn, installs that
+# .deb and checks the secureiod@ service end to end (packaging/tests/test_systemd.py,
+# which `make test` also runs, building its own .deb).
+DEB_DIR := dist
+
+.PHONY: deb test-systemd
+
+deb:
+	bash packaging/deb/build.sh $(DEB_DIR)
+
+test-systemd: bootstrap
+	deb=$$(bash packaging/deb/build.sh $(DEB_DIR)) && \
+	SECUREIOD_DEB="$$deb" $(VPY) -m pytest packaging/tests -v -p no:cacheprovider

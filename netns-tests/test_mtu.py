@@ -1,0 +1,71 @@
+"""The tunnel MTU follows the underlay: the daemon derives the payload limit P from the
+route MTU toward the peer, the negotiation confirms it on a clean path, and the TUN device,
+the peer's route and ``peers --json`` all carry it. DF pings of exactly the MTU pass; one
+byte more is refused locally by the kernel with "message too long"."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from harness import Net, Node, expected_payload
+
+
+def _link_mtu(node: Node) -> int:
+    (link,) = json.loads(node.ip("-j", "link", "show", node.ifname).stdout)
+    return int(link["mtu"])
+
+
+def _route_mtu(node: Node, dst: str) -> int | None:
+    family = "-6" if ":" in dst else "-4"
+    (route,) = json.loads(node.ip("-j", family, "route", "show", dst).stdout)
+    metrics = route.get("metrics") or [{}]
+    mtu = metrics[0].get("mtu")
+    return int(mtu) if mtu is not None else None
+
+
+@pytest.mark.parametrize(
+    ("underlay_mtu", "ipv6_underlay", "payload"),
+    [
+        (1400, False, 1312),  # (1400 - 28 - 53) // 16 * 16
+        (9000, False, 8912),  # (9000 - 28 - 53) // 16 * 16
+        (1400, True, 1296),  # (1400 - 48 - 53) // 16 * 16
+    ],
+    ids=["v4-1400", "v4-9000", "v6-1400"],
+)
+def test_tunnel_mtu_follows_underlay(
+    net: Net, underlay_mtu: int, ipv6_underlay: bool, payload: int
+) -> None:
+    assert expected_payload(underlay_mtu, ipv6_underlay) == payload
+    a, b = net.pair(mtu=underlay_mtu, ipv6_underlay=ipv6_underlay)
+
+    for node, other, peer_name in ((a, b, "b"), (b, a, "a")):
+        p = node.peer(peer_name)
+        assert p["payload_size"] == payload, f"{node.name}: negotiated {p['payload_size']}"
+        assert p["mtu"] == payload
+        assert _link_mtu(node) == payload
+        assert node.status()["mtu"] == payload
+        assert _route_mtu(node, other.tunnel4) == payload
+        assert _route_mtu(node, other.tunnel6) == max(payload, 1280)
+
+    for src, dst in ((a, b), (b, a)):
+        # IPv4: 20 bytes of IP header + 8 of ICMP
+        src.assert_ping(dst.tunnel4, count=2, interval=0.05, size=payload - 28, dont_fragment=True)
+        too_big = src.ping(dst.tunnel4, count=1, size=payload - 27, dont_fragment=True)
+        assert too_big.returncode != 0
+        assert f"ping: local error: message too long, mtu={payload}" in too_big.stderr, (
+            too_big.stdout + too_big.stderr
+        )
+        # IPv6: 40 + 8
+        src.assert_ping(dst.tunnel6, count=2, interval=0.05, size=payload - 48, dont_fragment=True)
+        too_big6 = src.ping(dst.tunnel6, count=1, size=payload - 47, dont_fragment=True)
+        assert too_big6.returncode != 0
+        assert f"ping: local error: message too long, mtu: {payload}" in too_big6.stderr, (
+            too_big6.stdout + too_big6.stderr
+        )
+
+    # the full-size packets crossed whole: nothing was dropped as too big on either side
+    for node, peer_name in ((a, "b"), (b, "a")):
+        p = node.peer(peer_name)
+        assert not p["drops"], p["drops"]
+        assert node.status()["udp"]["tx_too_big"] == 0
