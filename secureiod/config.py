@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Final, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, ValidationError
 
 from .secureio.constants import DEFAULT_PAYLOAD_SIZE_LIMIT
 from .secureio.errors import IdentityError, SecureioError
@@ -109,7 +109,7 @@ _MAX_PSK_SIZE: Final = 64 * 1024
 _WEAK_PSK_SIZE: Final = 16
 
 RESTART_INTERFACE_FIELDS: Final = frozenset(
-    {"name", "listen", "private_key", "control_socket", "user", "payload_size_limit"}
+    {"name", "listen", "private_key", "control_socket", "user", "payload_size_limit", "offload"}
 )
 """Interface keys a running daemon cannot change: the TUN device, the UDP socket, the
 identity every peer knows us by, the control socket and the dropped privileges are all set
@@ -132,6 +132,7 @@ _INTERFACE_FIELD_ORDER: Final = (
     "control_socket",
     "user",
     "payload_size_limit",
+    "offload",
 )
 
 
@@ -477,6 +478,7 @@ class InterfaceSchema(_Schema):
     control_socket: _SocketPath | None = None
     user: _UserName | None = None
     payload_size_limit: _PayloadSize | None = None
+    offload: StrictBool = True
 
 
 class PeerSchema(_Schema):
@@ -520,6 +522,8 @@ class InterfaceConfig:
     control_socket: Path
     user: str | None
     payload_size_limit: int | None
+    offload: bool
+    """Carry whole TCP segments between secureiod peers (TUN TSO; see ``offload.py``)."""
     """None: derived per peer from the underlay MTU toward its endpoint."""
 
 
@@ -856,6 +860,7 @@ def _resolve_interface(
         control_socket=control_socket,
         user=schema.user,
         payload_size_limit=schema.payload_size_limit,
+        offload=schema.offload,
     )
 
 

@@ -29,6 +29,17 @@ from typing import Any, Final
 
 from .control import ControlError, ControlServer
 from .notify import watchdog_interval
+from .offload import (
+    CAP_VNET,
+    CAPS_TYPE,
+    MAX_SEGMENT,
+    VNET_HDR_SIZE,
+    VNET_TYPE,
+    ZERO_HDR,
+    decode_caps,
+    encode_caps,
+    header_acceptable,
+)
 from .peer import DATA_TYPE, KEEPALIVE_TYPE, Peer, PeerTiming
 from .router import AllowedIPs
 from .secureio.constants import KX_PACKET_SIZE, PACKET_OVERHEAD
@@ -47,6 +58,7 @@ from .secureio.kx_message import KeyExchangeMessage
 from .secureio.packet import PacketKey, open_packet
 from .secureio.session import PayloadTooBigError, QueueFullError, SessionClosedError
 from .secureio.wire import MessageType, iter_messages
+from .tun import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6
 from .udp import Address, SendResult, UdpSocket, format_endpoint, parse_endpoint
 
 logger = logging.getLogger(__name__)
@@ -56,6 +68,28 @@ TRIAL_PEER_LIMIT: Final = 32
 """Above this many peers an unknown address is identified only by its key exchange:
 trial decryption against every session would cost too much per hostile datagram."""
 TRIALS_PER_SECOND: Final = 500.0
+REFUSAL_LOG_INTERVAL: Final = 30.0
+_REFUSALS: Final = (
+    (
+        "kx-bad-signature",
+        "the signature does not verify with this peer's public_key; check that the key "
+        "in the config is the peer's (secureioctl pubkey on the peer)",
+    ),
+    (
+        "kx-mode-mismatch",
+        "the peer uses another AnswersMode; both sides must use the same",
+    ),
+    ("kx-bad-key", "the peer sent an invalid (low-order) X25519 key"),
+    (
+        "kx-stale-session",
+        "a signed message from an older session of the peer (a replay, or clock skew)",
+    ),
+    (
+        "unencrypted-payload",
+        "a clear or PSK-only packet carried more than a key exchange (forged, or a peer "
+        "sending unencrypted fragments)",
+    ),
+)
 IPV6_MIN_MTU: Final = 1280
 MIN_MTU: Final = 576
 DEFAULT_UNDERLAY_MTU: Final = 1500
@@ -189,6 +223,7 @@ class Device:
         peer.session = None
         peer.scheduled = None
         self._dirty.discard(peer)
+        self._update_offload()
 
     def _payload_limit_for(self, pc: Any) -> int:
         override = getattr(self.config.interface, "payload_size_limit", None)
@@ -358,18 +393,39 @@ class Device:
     def _on_tun(self, fd: int, now: float) -> None:
         lookup = self.router.lookup_destination
         dirty = self._dirty
-        for packet in self.tun.read_batch(BATCH):
-            peer = lookup(packet)
+        if not self.tun.vnet_hdr:
+            for packet in self.tun.read_batch(BATCH):
+                peer = lookup(packet)
+                if peer is None:
+                    self.stats.no_route += 1
+                    continue
+                if self._write(peer, DATA_TYPE, packet, now):
+                    c = peer.counters
+                    c.tx_packets += 1
+                    c.tx_bytes += len(packet)
+                dirty.add(peer)
+            return
+        for buf in self.tun.read_batch(BATCH, MAX_SEGMENT):
+            peer = lookup(buf, VNET_HDR_SIZE)
             if peer is None:
                 self.stats.no_route += 1
                 continue
-            if self._write(peer, DATA_TYPE, packet, now):
+            if buf[0] == 0 and buf[1] == 0:  # no offload work pending: a plain IP packet
+                ok = self._write(peer, DATA_TYPE, buf[VNET_HDR_SIZE:], now)
+            elif peer.remote_caps & CAP_VNET:
+                ok = self._write(peer, VNET_TYPE, buf, now)
+            else:
+                peer.counters.drops["offload-unsupported"] += 1
+                continue
+            if ok:
                 c = peer.counters
                 c.tx_packets += 1
-                c.tx_bytes += len(packet)
+                c.tx_bytes += len(buf) - VNET_HDR_SIZE
             dirty.add(peer)
 
     def _write(self, peer: Peer, mtype: int, payload: bytes, now: float) -> bool:
+        """Hand one message to the peer's session; True if it goes out now (counted as
+        sent), False if dropped or only queued until the session is established."""
         s = peer.session
         if s is None:
             peer.counters.drops["not-established"] += 1
@@ -385,7 +441,7 @@ class Device:
         except SessionClosedError:
             peer.counters.drops["not-established"] += 1
             return False
-        return True
+        return s.is_established
 
     def _on_udp(self, fd: int, now: float) -> None:
         by_addr = self._by_addr
@@ -449,11 +505,30 @@ class Device:
                 s.flush(now)
                 self._transmit(peer, now)
                 self._drain_events(peer, now)
+                self._report_refusals(peer, s, now)
                 reason = peer.needs_restart(now) if s.state == SessionState.CLOSED else None
                 if reason is not None:
                     self._restart_peer(peer, now, reason)
                     self._dirty.add(peer)
                 self._schedule(peer)
+
+    def _report_refusals(self, peer: Peer, s: Any, now: float) -> None:
+        """Say in the log why a peer does not come up: its refused key exchanges are only
+        counters in the session, and an operator with a wrong key needs to read why."""
+        drops = s.stats.drops
+        for reason, text in _REFUSALS:
+            count = drops[reason]
+            seen = peer.reported.get(reason, 0)
+            if count > seen and now >= peer.report_after.get(reason, 0.0):
+                peer.reported[reason] = count
+                peer.report_after[reason] = now + REFUSAL_LOG_INTERVAL
+                logger.warning(
+                    "peer %s: key exchange refused (%s, %d so far): %s",
+                    peer.name,
+                    reason,
+                    count,
+                    text,
+                )
 
     def _transmit(self, peer: Peer, now: float) -> None:
         s = peer.session
@@ -466,11 +541,7 @@ class Device:
             if endpoint is None:
                 peer.counters.drops["no-endpoint"] += len(out)
                 return
-            send = self.udp.send
-            for datagram in out:
-                result = send(datagram, endpoint)
-                if result is SendResult.SENT:
-                    continue
+            for datagram, result in self.udp.send_batch(out, endpoint):
                 if result is SendResult.TOO_BIG:
                     s.report_too_big(len(datagram), now)
                 else:
@@ -481,36 +552,84 @@ class Device:
         assert s is not None
         source_owner = self.router.lookup_source
         tun_write = self.tun.write
+        tun_write_parts = self.tun.write_parts
         c = peer.counters
+        vnet = self.tun.vnet_hdr
         while (ev := s.next_event()) is not None:
             if type(ev) is MessageReceived:
-                if ev.type == DATA_TYPE:
-                    payload = ev.payload
+                mtype = ev.type
+                payload = ev.payload
+                if mtype == DATA_TYPE:
                     if source_owner(payload) is peer:
-                        if tun_write(payload):
+                        ok = tun_write_parts(ZERO_HDR, payload) if vnet else tun_write(payload)
+                        if ok:
                             c.rx_packets += 1
                             c.rx_bytes += len(payload)
                         else:
                             self.stats.tun_write_errors += 1
                     else:
                         c.drops["source-not-allowed"] += 1
+                elif mtype == VNET_TYPE:
+                    if not vnet or not header_acceptable(payload):
+                        c.drops["bad-offload-header"] += 1
+                    elif source_owner(payload, VNET_HDR_SIZE) is not peer:
+                        c.drops["source-not-allowed"] += 1
+                    elif tun_write(payload):
+                        c.rx_packets += 1
+                        c.rx_bytes += len(payload) - VNET_HDR_SIZE
+                    else:
+                        self.stats.tun_write_errors += 1
+                elif mtype == CAPS_TYPE:
+                    caps = decode_caps(payload)
+                    if caps is not None and caps != peer.remote_caps:
+                        peer.remote_caps = caps
+                        logger.info("peer %s: capabilities 0x%x", peer.name, caps)
+                        self._update_offload()
                 # KEEPALIVE_TYPE and unknown types: liveness only
             elif isinstance(ev, StateChanged):
                 logger.info("peer %s: %s → %s", peer.name, ev.old.name, ev.new.name)
                 if ev.new == SessionState.ESTABLISHED:
                     peer.last_handshake_wall = time.time()
+                    self._send_caps(peer, now)
                 self._update_status()
+                self._update_offload()
             elif isinstance(ev, PayloadSizeNegotiated):
                 self._apply_mtu(peer, ev.size)
             elif isinstance(ev, KeyRotated):
-                if not ev.local:
+                if not ev.local and s.is_established:
                     peer.last_handshake_wall = time.time()
             elif isinstance(ev, PeerRestarted):
                 logger.info("peer %s restarted (new session id)", peer.name)
+                peer.remote_caps = 0
+                self._send_caps(peer, now)
+                self._update_offload()
             elif isinstance(ev, Closed):
                 logger.warning("peer %s: session closed: %s", peer.name, ev.reason)
                 peer.restart_at = now + peer.timing.restart_backoff
                 self._update_status()
+
+    def _send_caps(self, peer: Peer, now: float) -> None:
+        caps = CAP_VNET if self.tun.vnet_hdr else 0
+        self._write(peer, CAPS_TYPE, encode_caps(caps), now)
+        self._dirty.add(peer)
+
+    def _update_offload(self) -> None:
+        """TSO on the TUN device only while every established peer takes whole segments:
+        the kernel then hands over up to 64 KiB per read. Otherwise it segments itself."""
+        if not self.tun.vnet_hdr:
+            return
+        established = [p for p in self.peers.values() if p.state == SessionState.ESTABLISHED]
+        want = (
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+            if established and all(p.remote_caps & CAP_VNET for p in established)
+            else 0
+        )
+        if want != self.tun.offload:
+            try:
+                self.tun.set_offload(want)
+                logger.info("%s: TCP segmentation offload %s", self.ifname, "on" if want else "off")
+            except Exception as exc:
+                logger.warning("%s: %s", self.ifname, exc)
 
     # -- MTU --------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from .offload import MAX_SEGMENT
 from .secureio.events import SessionState
 from .secureio.identity import Identity
 from .secureio.keyexchange import KeyExchangeOptions
@@ -43,6 +44,8 @@ class PeerCounters:
                 "too-big",
                 "send-failed",
                 "queue-full",
+                "offload-unsupported",
+                "bad-offload-header",
             ),
             0,
         )
@@ -82,6 +85,10 @@ class Peer:
         self.scheduled: float | None = None
         self.keepalive_interval = float(config.persistent_keepalive or timing.keepalive_interval)
         self._was_established = False
+        self.reported: dict[str, int] = {}
+        self.report_after: dict[str, float] = {}
+        self.remote_caps = 0
+        """Capability bits the peer announced (``offload.CAP_VNET``); reset per session."""
 
     # -- session life ---------------------------------------------------------------
 
@@ -95,6 +102,10 @@ class Peer:
             psk=self.config.psk,
             negotiation=NegotiationOptions(read_timeout=10.0, total_timeout=60.0),
             enable_fragmentation=True,
+            # A TSO segment (64 KiB + virtio header) travels as one fragmented message.
+            max_fragmented_message_size=MAX_SEGMENT,
+            reassembly_budget=4 << 20,
+            max_fragment_chains=32,
             max_queued_messages=256,
         )
         self.session = Session(
@@ -107,6 +118,8 @@ class Peer:
         self.sessions_started += 1
         self.restart_at = None
         self._was_established = False
+        self.remote_caps = 0
+        self.reported = {}  # the new session's drop counters start at zero
         self.session.start(now)
         return self.session
 

@@ -86,19 +86,20 @@ class AllowedIPs(Generic[T]):
         table = self._v4 if address.version == 4 else self._v6
         return table.lookup(int(address))
 
-    def lookup_destination(self, packet: bytes | memoryview) -> T | None:
-        """The owner of an IP packet's destination; None for non-IP or truncated input."""
-        n = len(packet)
-        if n >= 20 and packet[0] >> 4 == 4:
-            return self._v4.lookup(int.from_bytes(packet[16:20], "big"))
-        if n >= 40 and packet[0] >> 4 == 6:
-            return self._v6.lookup(int.from_bytes(packet[24:40], "big"))
+    def lookup_destination(self, packet: bytes | memoryview, offset: int = 0) -> T | None:
+        """The owner of the destination of the IP packet at ``packet[offset:]``; None for
+        non-IP or truncated input. (``offset`` skips a virtio-net header without a copy.)"""
+        n = len(packet) - offset
+        if n >= 20 and packet[offset] >> 4 == 4:
+            return self._v4.lookup(int.from_bytes(packet[offset + 16 : offset + 20], "big"))
+        if n >= 40 and packet[offset] >> 4 == 6:
+            return self._v6.lookup(int.from_bytes(packet[offset + 24 : offset + 40], "big"))
         return None
 
-    def lookup_source(self, packet: bytes | memoryview) -> T | None:
-        n = len(packet)
-        if n >= 20 and packet[0] >> 4 == 4:
-            return self._v4.lookup(int.from_bytes(packet[12:16], "big"))
-        if n >= 40 and packet[0] >> 4 == 6:
-            return self._v6.lookup(int.from_bytes(packet[8:24], "big"))
+    def lookup_source(self, packet: bytes | memoryview, offset: int = 0) -> T | None:
+        n = len(packet) - offset
+        if n >= 20 and packet[offset] >> 4 == 4:
+            return self._v4.lookup(int.from_bytes(packet[offset + 12 : offset + 16], "big"))
+        if n >= 40 and packet[offset] >> 4 == 6:
+            return self._v6.lookup(int.from_bytes(packet[offset + 8 : offset + 24], "big"))
         return None

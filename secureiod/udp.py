@@ -20,6 +20,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import struct
 import sys
 from dataclasses import dataclass, field
 from typing import Final
@@ -57,6 +58,15 @@ _IPV6_PMTUDISC_DO: Final = getattr(socket, "IPV6_PMTUDISC_DO", 2)
 _IPV6_DONTFRAG: Final = getattr(socket, "IPV6_DONTFRAG", 62)
 _SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)
 _SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+_SOL_UDP: Final = 17
+_UDP_SEGMENT: Final = 103  # include/uapi/linux/udp.h: GSO, one sendmsg for many datagrams
+_UDP_GRO: Final = 104  # receive coalesced datagrams with their segment size in a cmsg
+_GSO_MAX_SEGMENTS: Final = 64  # UDP_MAX_SEGMENTS
+_GSO_MAX_BYTES: Final = 65000  # below the 65507-byte UDP payload limit of one IPv4 skb
+_GSO_SIZE: Final = struct.Struct("=H")
+_GRO_SIZE: Final = struct.Struct("=i")
+_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 
 _DROP_ERRNOS: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
 _ENDPOINT_FORMS: Final = "expected HOST:PORT, [IPv6]:PORT or :PORT"
@@ -177,6 +187,10 @@ class UdpSocket:
         self._buffer = bytearray(RECV_BUFFER_SIZE)
         self._view = memoryview(self._buffer)
         self._logged: set[tuple[str, int]] = set()
+        self.gso = False
+        """Send runs of equal-size datagrams with one ``sendmsg`` (UDP_SEGMENT)."""
+        self.gro = False
+        """The kernel may hand over several datagrams of one sender in one read."""
 
     @classmethod
     def bind(
@@ -187,12 +201,16 @@ class UdpSocket:
         dont_fragment: bool = True,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         reuse_address: bool = False,
+        segmentation: bool = False,
     ) -> UdpSocket:
         """Create a socket bound to ``address`` (a sockaddr; port 0 picks a free port).
 
         ``dont_fragment`` (default) makes the kernel refuse datagrams above the path MTU with
         EMSGSIZE instead of fragmenting them, as the reference does on Linux (§8.4): the
         session's path-size negotiation then sees the real limit.
+        ``segmentation`` turns on UDP GSO for ``send_batch`` and GRO for ``recv_batch``
+        where the kernel has them: one system call per run of datagrams instead of one per
+        datagram, which is most of a busy tunnel's system-call cost.
         """
         if family is None:
             family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -207,7 +225,15 @@ class UdpSocket:
         except BaseException:
             sock.close()
             raise
-        return cls(sock)
+        udp = cls(sock)
+        if segmentation:
+            udp.gso = True
+            try:
+                sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
+                udp.gro = True
+            except OSError as exc:
+                logger.debug("UDP GRO unavailable: %s", exc)
+        return udp
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -228,8 +254,11 @@ class UdpSocket:
 
         One wake-up, many datagrams: the caller feeds them all to the session and flushes
         once. Errors other than "empty" (e.g. a queued ICMP error) are counted and end the
-        batch; the next readiness notification continues.
+        batch; the next readiness notification continues. With GRO one read may carry a
+        run of datagrams of one sender, split here at the segment size the kernel reports.
         """
+        if self.gro:
+            return self._recv_batch_gro(max_count)
         sock = self._sock
         view = self._view
         stats = self.stats
@@ -247,6 +276,99 @@ class UdpSocket:
             stats.rx_bytes += size
             out.append((bytes(view[:size]), addr))
         return out
+
+    def _recv_batch_gro(self, max_count: int) -> list[tuple[bytes, Address]]:
+        sock = self._sock
+        view = self._view
+        buffers = [self._buffer]
+        stats = self.stats
+        out: list[tuple[bytes, Address]] = []
+        for _ in range(max_count):
+            try:
+                size, ancdata, _flags, addr = sock.recvmsg_into(buffers, _CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                stats.rx_errors += 1
+                self._note_error("receive", exc)
+                break
+            segment = size
+            for level, kind, data in ancdata:
+                if level == _SOL_UDP and kind == _UDP_GRO and len(data) >= 4:
+                    segment = _GRO_SIZE.unpack_from(data)[0] or size
+            stats.rx_bytes += size
+            if segment >= size:
+                stats.rx_datagrams += 1
+                out.append((bytes(view[:size]), addr))
+                continue
+            for start in range(0, size, segment):
+                stats.rx_datagrams += 1
+                out.append((bytes(view[start : min(start + segment, size)]), addr))
+        return out
+
+    def send_batch(
+        self, datagrams: list[bytes], address: Address
+    ) -> list[tuple[bytes, SendResult]]:
+        """Send datagrams in order; returns the ones that did not go out, with why.
+
+        With GSO a run of equal-size datagrams (the last may be shorter) goes out in one
+        ``sendmsg``; the kernel cuts it into separate datagrams on the wire, each exactly
+        as it would have been sent alone. A refused run is retried one by one, so the
+        caller still learns which datagram was too big.
+        """
+        failures: list[tuple[bytes, SendResult]] = []
+        n = len(datagrams)
+        i = 0
+        send = self.send
+        while i < n:
+            first = datagrams[i]
+            size = len(first)
+            j = i + 1
+            if self.gso:
+                total = size
+                while (
+                    j < n
+                    and j - i < _GSO_MAX_SEGMENTS
+                    and len(datagrams[j]) == size
+                    and total + size <= _GSO_MAX_BYTES
+                ):
+                    total += size
+                    j += 1
+                if (
+                    j < n
+                    and j - i < _GSO_MAX_SEGMENTS
+                    and len(datagrams[j]) < size
+                    and total + len(datagrams[j]) <= _GSO_MAX_BYTES
+                ):
+                    j += 1  # the shorter tail of a run rides along
+            if j - i == 1:
+                result = send(first, address)
+                if result is not SendResult.SENT:
+                    failures.append((first, result))
+            elif not self._send_segmented(datagrams[i:j], size, address):
+                for d in datagrams[i:j]:
+                    result = send(d, address)
+                    if result is not SendResult.SENT:
+                        failures.append((d, result))
+            i = j
+        return failures
+
+    def _send_segmented(self, run: list[bytes], size: int, address: Address) -> bool:
+        try:
+            self._sock.sendmsg(
+                [b"".join(run)], [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, address
+            )
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO):
+                self.gso = False  # the kernel or the route does not do UDP GSO: stop trying
+                logger.info("UDP GSO unavailable (%s); sending datagrams one by one", exc)
+            return False
+        stats = self.stats
+        stats.tx_datagrams += len(run)
+        stats.tx_bytes += sum(len(d) for d in run)
+        return True
 
     def send(self, data: bytes | bytearray | memoryview, address: Address) -> SendResult:
         """Send one datagram without blocking; never raises for network conditions."""

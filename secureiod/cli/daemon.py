@@ -83,14 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(config, config_path: Path, user: str | None, *, control: bool) -> int:  # type: ignore[no-untyped-def]
     iface = config.interface
-    tun = TunDevice.open(iface.name)
+    tun = TunDevice.open(iface.name, vnet_hdr=iface.offload)
     created_addresses: list = []
     netlink = Netlink()
     device: Device | None = None
     try:
         listen = iface.listen
         family, sockaddr = resolve_endpoint(listen.host, listen.port, passive=True)
-        udp = UdpSocket.bind(sockaddr, family=family)
+        udp = UdpSocket.bind(sockaddr, family=family, segmentation=True)
         notifier = Notifier.from_env()
         device = Device(
             config,

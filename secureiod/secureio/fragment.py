@@ -9,7 +9,7 @@ from typing import Final
 from .constants import FRAGMENT_HEADER_SIZE
 from .errors import MalformedError
 
-_FRAGMENT: Final = struct.Struct("<QQQ")
+FRAGMENT_HEADER: Final = struct.Struct("<QQQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,13 +19,13 @@ class FragmentHeader:
     total_length: int
 
     def encode(self) -> bytes:
-        return _FRAGMENT.pack(self.chain_id, self.start_pos, self.total_length)
+        return FRAGMENT_HEADER.pack(self.chain_id, self.start_pos, self.total_length)
 
     @classmethod
     def decode(cls, payload: bytes | memoryview) -> FragmentHeader:
         if len(payload) < FRAGMENT_HEADER_SIZE:
             raise MalformedError(f"fragment of {len(payload)} bytes is shorter than its header")
-        return cls(*_FRAGMENT.unpack_from(payload))
+        return cls(*FRAGMENT_HEADER.unpack_from(payload))
 
 
 def encode_fragment(header: FragmentHeader, chunk: bytes | memoryview) -> bytes:

@@ -139,9 +139,7 @@ def seal(key: PacketKey, packet_id: int, messages: bytes, packet_id_mask: int = 
     return seal_python(key, packet_id, messages, packet_id_mask)
 
 
-def seal_python(
-    key: PacketKey, packet_id: int, messages: bytes, packet_id_mask: int = 0
-) -> bytes:
+def seal_python(key: PacketKey, packet_id: int, messages: bytes, packet_id_mask: int = 0) -> bytes:
     """The reference implementation of ``seal`` (and the fallback without ``_accel``)."""
     if not 0 < packet_id <= _UINT64_MASK:
         raise ValueError("packet id must be in 1..2^64-1")

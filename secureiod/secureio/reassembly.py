@@ -26,8 +26,8 @@ from collections import deque
 
 from .constants import FRAGMENT_HEADER_SIZE, MESSAGE_FLAG_CONFIDENTIAL, MESSAGE_FLAG_FRAGMENTED
 from .errors import MalformedError
-from .fragment import FragmentHeader
-from .wire import MessageType, encode_message
+from .fragment import FRAGMENT_HEADER
+from .wire import MESSAGE_HEADER, MessageType
 
 FRAGMENT_FLAGS = MESSAGE_FLAG_CONFIDENTIAL | MESSAGE_FLAG_FRAGMENTED
 """0x03: what we send. The reference sends 0x02 (the confidential bit lost to a bug)."""
@@ -52,14 +52,17 @@ def fragment_message(
         raise ValueError("internal messages are exempt from E and never fragmented")
     view = memoryview(payload)
     total = len(view)
-    return [
-        encode_message(
-            msg_type,
-            FragmentHeader(chain_id, start, total).encode() + view[start : start + chunk_size],
-            FRAGMENT_FLAGS,
+    pack_message = MESSAGE_HEADER.pack
+    pack_fragment = FRAGMENT_HEADER.pack
+    out = []
+    for start in range(0, total, chunk_size):
+        chunk = view[start : start + chunk_size]
+        out.append(
+            pack_message(msg_type, FRAGMENT_HEADER_SIZE + len(chunk), FRAGMENT_FLAGS)
+            + pack_fragment(chain_id, start, total)
+            + chunk
         )
-        for start in range(0, total, chunk_size)
-    ]
+    return out
 
 
 class _Chain:
@@ -170,9 +173,8 @@ class Reassembler:
         """
         if len(payload) < FRAGMENT_HEADER_SIZE:
             raise MalformedError(f"fragment of {len(payload)} bytes is shorter than its header")
-        header = FragmentHeader.decode(payload)
+        chain_id, start, total = FRAGMENT_HEADER.unpack_from(payload)
         chunk = memoryview(payload)[FRAGMENT_HEADER_SIZE:]
-        chain_id, start, total = header.chain_id, header.start_pos, header.total_length
         end = start + len(chunk)
         if total == 0:
             raise MalformedError("fragment of an empty message (TotalMessageLength 0)")
@@ -202,6 +204,16 @@ class Reassembler:
                 raise MalformedError(
                     f"chain {chain_id}: type 0x{msg_type:08x} differs from 0x{chain.msg_type:08x}"
                 )
+            ends = chain.ends
+            if ends[-1] == start:
+                # In order (the common case): the chunk extends the last interval and
+                # nothing lies beyond it, so there is nothing to merge.
+                chain.buf[start:end] = chunk
+                ends[-1] = end
+                chain.covered += end - start
+                if chain.covered < total:
+                    return None
+                return self._complete(chain_id, chain)
             fresh, lo, hi = chain.new_bytes(start, end)
             if fresh == 0:
                 self.duplicates += 1
@@ -228,8 +240,11 @@ class Reassembler:
         chain.covered += fresh
         if chain.covered < total:
             return None
+        return self._complete(chain_id, chain)
+
+    def _complete(self, chain_id: int, chain: _Chain) -> bytes:
         del self._chains[chain_id]
-        self._bytes -= total
+        self._bytes -= chain.total
         self._remember_done(chain_id)
         self.completed += 1
         return bytes(chain.buf)

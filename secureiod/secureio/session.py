@@ -243,6 +243,14 @@ class Session:
                     if self._needs_update:
                         self._after_input(now)
                     return
+                if (
+                    length + MESSAGE_HEADER_SIZE == len(messages)
+                    and flags & MESSAGE_FLAG_FRAGMENTED
+                ):
+                    self._handle_fragment(mtype, memoryview(messages)[MESSAGE_HEADER_SIZE:])
+                    if self._needs_update:
+                        self._after_input(now)
+                    return
             self._process_messages(messages, now, confidential=True)
         else:
             # Clear/aux packets are authenticated by nothing but the PacketID (or a static
@@ -590,4 +598,3 @@ class Session:
             self.stats.drop(DropReason.EVENT_QUEUE_FULL)
             return
         self._events.append(event)
-
