@@ -23,7 +23,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -108,7 +108,6 @@ class DeviceStats:
     tun_write_errors: int = 0
     roamed: int = 0
     reloads: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class _TokenBucket:

@@ -20,9 +20,9 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 __all__ = ["TUN_CLONE_DEVICE", "TunDevice", "TunError", "TunStats"]
 
@@ -209,22 +209,15 @@ class TunDevice:
         losses, never exceptions: a peer sending garbage must not stop the tunnel. Only a
         dead descriptor raises ``TunError``.
         """
-        try:
-            written = os.write(self._fd, packet)
-        except OSError as exc:
-            if exc.errno in _FATAL_ERRNOS:
-                raise self._dead(exc) from None
-            self._count(self.stats.write_errors, "write", exc)
-            return False
-        stats = self.stats
-        stats.packets_written += 1
-        stats.bytes_written += written
-        return True
+        return self._write(os.write, packet)
 
     def write_parts(self, header: bytes, packet: bytes | bytearray | memoryview) -> bool:
         """``write(header + packet)`` without the copy (one ``writev``)."""
+        return self._write(os.writev, (header, packet))
+
+    def _write(self, syscall: Callable[[int, Any], int], data: Any) -> bool:
         try:
-            written = os.writev(self._fd, (header, packet))
+            written = syscall(self._fd, data)
         except OSError as exc:
             if exc.errno in _FATAL_ERRNOS:
                 raise self._dead(exc) from None
