@@ -202,7 +202,7 @@ class Device:
             self.netlink.replace_route(net, self.ifname)
         if pc.endpoint is not None:
             self._set_endpoint(peer, self._resolve(pc))
-        peer.new_session(now, self.wall_ns())
+        peer.new_session(now, self.wall_ns(), start=peer.endpoint is not None)
         self._dirty.add(peer)
         return peer
 
@@ -385,7 +385,7 @@ class Device:
         logger.info("peer %s: starting a new session (%s)", peer.name, reason)
         if peer.config.endpoint is not None and peer.endpoint is None:
             self._set_endpoint(peer, self._resolve(peer.config))
-        peer.new_session(now, self.wall_ns())
+        peer.new_session(now, self.wall_ns(), start=peer.endpoint is not None)
 
     # -- data path --------------------------------------------------------------------
 
@@ -456,6 +456,8 @@ class Device:
             s = peer.session
             if s is None:
                 continue
+            if s.state is SessionState.NEW:  # a peer without endpoint made first contact
+                s.start(now)
             s.receive_datagram(data, now)
             if s.last_received == now and (peer.endpoint is None or peer.endpoint[:2] != key):
                 if peer.endpoint is not None:

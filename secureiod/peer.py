@@ -92,7 +92,10 @@ class Peer:
 
     # -- session life ---------------------------------------------------------------
 
-    def new_session(self, now: float, wall_ns: int) -> Session:
+    def new_session(self, now: float, wall_ns: int, *, start: bool = True) -> Session:
+        """A fresh session; ``start=False`` for a peer we cannot reach yet (no endpoint): it
+        then sends nothing until the peer's first datagram arrives, instead of signing key
+        exchanges every second that can go nowhere."""
         options = SessionOptions(
             payload_size_limit=self.payload_size_limit,
             send_delay=0.0005,
@@ -120,7 +123,8 @@ class Peer:
         self._was_established = False
         self.remote_caps = 0
         self.reported = {}  # the new session's drop counters start at zero
-        self.session.start(now)
+        if start:
+            self.session.start(now)
         return self.session
 
     @property
