@@ -161,8 +161,14 @@ class ControlServer:
         for fd in list(self._connections):
             self._drop(fd)
         self._sock.close()
-        with contextlib.suppress(FileNotFoundError):
+        try:
             self.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            # After dropping privileges the runtime directory may not be ours to change;
+            # the next start finds the socket stale (nobody listens) and replaces it.
+            logger.info("leaving %s behind: %s", self.path, exc.strerror or exc)
 
 
 def default_socket_path(interface: str) -> Path:

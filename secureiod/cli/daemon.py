@@ -23,7 +23,7 @@ from ..netlink import Netlink, NetlinkError
 from ..notify import Notifier, setup_logging
 from ..privileges import PrivilegeError, drop_privileges
 from ..tun import TunDevice, TunError
-from ..udp import UdpSocket, resolve_endpoint
+from ..udp import UdpSocket, format_endpoint, resolve_endpoint
 from . import ArgumentParser
 
 logger = logging.getLogger("secureiod")
@@ -112,7 +112,7 @@ def _serve(config, config_path: Path, user: str | None, *, control: bool) -> int
         logger.info(
             "%s up: listening on %s, %d peer(s), public key %s",
             tun.name,
-            udp.local_address,
+            format_endpoint(udp.local_address),
             len(config.peers),
             config.identity.public_key,
         )
@@ -121,12 +121,22 @@ def _serve(config, config_path: Path, user: str | None, *, control: bool) -> int
         notifier.stopping()
         return 0
     finally:
-        if device is not None:
-            device.close()
-        if tun.preexisted:
-            _cleanup_preexisting(netlink, tun.name, device, created_addresses)
-        tun.close()
-        netlink.close()
+        # Each step on its own: one failing (e.g. a file we may no longer touch after
+        # dropping privileges) must not leave the device or sockets open.
+        for step in (
+            (lambda: device.close()) if device is not None else None,
+            (lambda: _cleanup_preexisting(netlink, tun.name, device, created_addresses))
+            if tun.preexisted
+            else None,
+            tun.close,
+            netlink.close,
+        ):
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception as exc:
+                logger.warning("cleanup: %s", exc)
 
 
 def _cleanup_preexisting(netlink: Netlink, name: str, device, addresses: list) -> None:  # type: ignore[no-untyped-def]
