@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..control import ControlError
 from ..device import Device, install_signal_handlers
 from ..netlink import Netlink, NetlinkError
 from ..notify import Notifier, setup_logging
-from ..privileges import PrivilegeError, drop_privileges
+from ..privileges import PrivilegeError, current_capabilities, drop_privileges
 from ..tun import TunDevice, TunError
 from ..udp import UdpSocket, format_endpoint, resolve_endpoint
 from . import ArgumentParser
@@ -45,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-control-socket", action="store_true", help="do not serve the control socket"
+    )
+    parser.add_argument(
+        "--require-unprivileged",
+        action="store_true",
+        help="refuse to serve as root or with any capability but CAP_NET_ADMIN (the "
+        "systemd unit passes it, so an override that runs the daemon as full root fails "
+        "loudly instead of silently widening what a compromise could do)",
     )
     return parser
 
@@ -75,13 +83,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), 2)
     user = args.user or config.interface.user
     try:
-        return _serve(config, config_path, user, control=not args.no_control_socket)
+        return _serve(
+            config,
+            config_path,
+            user,
+            control=not args.no_control_socket,
+            require_unprivileged=args.require_unprivileged,
+        )
     except (TunError, NetlinkError, ControlError, PrivilegeError, OSError) as exc:
         logger.error("%s", exc)
         return 1
 
 
-def _serve(config, config_path: Path, user: str | None, *, control: bool) -> int:  # type: ignore[no-untyped-def]
+def _check_unprivileged() -> None:
+    extra = sorted(current_capabilities() - {"CAP_NET_ADMIN"})
+    if os.geteuid() == 0 or extra:
+        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        raise PrivilegeError(
+            f"--require-unprivileged: running as uid {os.geteuid()} with "
+            f"{shown or 'no capability but CAP_NET_ADMIN'}; run as a dedicated user with only "
+            "CAP_NET_ADMIN (User= and AmbientCapabilities=CAP_NET_ADMIN in the unit, or --user)"
+        )
+
+
+def _serve(  # type: ignore[no-untyped-def]
+    config, config_path: Path, user: str | None, *, control: bool, require_unprivileged: bool
+) -> int:  # type: ignore[no-untyped-def]
     iface = config.interface
     tun = TunDevice.open(iface.name, vnet_hdr=iface.offload)
     created_addresses: list = []
@@ -107,6 +134,8 @@ def _serve(config, config_path: Path, user: str | None, *, control: bool) -> int
         if user:
             drop_privileges(user)
             logger.info("running as %s with CAP_NET_ADMIN only", user)
+        if require_unprivileged:
+            _check_unprivileged()
         device.add_peers(list(config.peers), device.clock())
         install_signal_handlers(device)
         logger.info(
