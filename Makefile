@@ -47,6 +47,13 @@ bench-protocol: bootstrap
 bench-crypto: bootstrap
 	$(VPY) bench/crypto_routes.py
 
+.PHONY: bench bench-session
+bench: bootstrap
+	$(VPY) bench/tunnel.py
+
+bench-session: bootstrap
+	$(VPY) bench/session.py
+
 demo: bootstrap
 	$(VPY) scripts/demo.py
 
