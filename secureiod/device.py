@@ -69,6 +69,10 @@ TRIAL_PEER_LIMIT: Final = 32
 trial decryption against every session would cost too much per hostile datagram."""
 TRIALS_PER_SECOND: Final = 500.0
 REFUSAL_LOG_INTERVAL: Final = 30.0
+TICK: Final = 1.0
+LOSS_MIN_CHAINS: Final = 2
+LOSS_RATIO: Final = 0.01
+OFFLOAD_MAX_COOLDOWN: Final = 600.0
 _REFUSALS: Final = (
     (
         "kx-bad-signature",
@@ -163,6 +167,7 @@ class Device:
         self._status_text = ""
         self._watchdog = watchdog_interval() if notifier is not None and notifier.enabled else None
         self._next_watchdog: float | None = None
+        self._next_tick = clock() + TICK
         self.started_at = clock()
         self.control: ControlServer | None = None
         if control_path is not None:
@@ -346,6 +351,7 @@ class Device:
             times.append(heap[0][0])
         if self._next_watchdog is not None:
             times.append(self._next_watchdog)
+        times.append(self._next_tick)
         if not times:
             return 1.0
         return max(0.0, min(times) - now)
@@ -380,6 +386,9 @@ class Device:
         if self._next_watchdog is not None and now >= self._next_watchdog:
             self.notifier.watchdog()
             self._next_watchdog = now + self._watchdog
+        if now >= self._next_tick:
+            self._next_tick = now + TICK
+            self._check_segment_loss(now)
 
     def _restart_peer(self, peer: Peer, now: float, reason: str) -> None:
         logger.info("peer %s: starting a new session (%s)", peer.name, reason)
@@ -474,6 +483,8 @@ class Device:
     def _identify(self, data: bytes, now: float) -> Peer | None:
         """Which peer sent a datagram from an address we do not know (roaming, first
         contact)? Only authenticated evidence counts; the session re-checks everything."""
+        if not self._trials.take(now):  # identifying costs a signature check or trials
+            return None
         if len(data) == KX_PACKET_SIZE:
             for key, mask in self._fallback_keys:
                 try:
@@ -488,7 +499,7 @@ class Device:
                 if peer is not None and kx.verify(peer.config.public_key):
                     return peer
             return None
-        if len(self.peers) > TRIAL_PEER_LIMIT or not self._trials.take(now):
+        if len(self.peers) > TRIAL_PEER_LIMIT:
             return None
         for peer in self.peers.values():
             s = peer.session
@@ -610,9 +621,47 @@ class Device:
                 self._update_status()
 
     def _send_caps(self, peer: Peer, now: float) -> None:
-        caps = CAP_VNET if self.tun.vnet_hdr else 0
+        accept = self.tun.vnet_hdr and peer.vnet_suspended_until is None
+        caps = CAP_VNET if accept else 0
         self._write(peer, CAPS_TYPE, encode_caps(caps), now)
         self._dirty.add(peer)
+
+    def _check_segment_loss(self, now: float) -> None:
+        """Whole segments travel as chains of fragments, and one lost datagram loses the
+        chain: on a lossy path that turns 1 % loss into 30 % and starves TCP. So a receiver
+        that sees chains lost tells the sender to stop (caps without CAP_VNET), which then
+        segments in the kernel like any MTU-sized tunnel; it asks again after a cooldown."""
+        if not self.tun.vnet_hdr:
+            return
+        for peer in self.peers.values():
+            s = peer.session
+            if s is None or not s.is_established:
+                continue
+            done, lost = s.fragment_chains
+            seen_done, seen_lost = peer.chains_seen
+            peer.chains_seen = (done, lost)
+            d_done, d_lost = done - seen_done, lost - seen_lost
+            if d_done < 0 or d_lost < 0:  # the reassembler was replaced (peer restart)
+                continue
+            suspended = peer.vnet_suspended_until
+            if suspended is None:
+                if d_lost >= LOSS_MIN_CHAINS and d_lost > LOSS_RATIO * (d_done + d_lost):
+                    peer.vnet_suspended_until = now + peer.vnet_cooldown
+                    logger.warning(
+                        "peer %s: %d of %d whole-segment chains lost in the last %g s; "
+                        "asking for MTU-sized packets for %g s",
+                        peer.name,
+                        d_lost,
+                        d_done + d_lost,
+                        TICK,
+                        peer.vnet_cooldown,
+                    )
+                    peer.vnet_cooldown = min(peer.vnet_cooldown * 2, OFFLOAD_MAX_COOLDOWN)
+                    self._send_caps(peer, now)
+            elif now >= suspended:
+                peer.vnet_suspended_until = None
+                logger.info("peer %s: offering whole segments again", peer.name)
+                self._send_caps(peer, now)
 
     def _update_offload(self) -> None:
         """TSO on the TUN device only while every established peer takes whole segments:

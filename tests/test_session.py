@@ -556,3 +556,33 @@ def test_queued_message_above_negotiated_size_is_dropped_without_fragmentation()
     assert link.a.session.payload_size == 840
     assert link.b.messages(RW) == [b"small"]
     assert link.a.session.stats.drops["queued-too-big"] == 1
+
+
+def test_empty_clear_packet_is_counted() -> None:
+    link = _established_pair()
+    link.inject(link.b, seal(PacketKey.clear(), 9, b""))
+    link.run(0.01)
+    assert link.b.session.stats.drops["unencrypted-payload"] == 1
+
+
+def test_key_exchange_flood_is_rate_limited() -> None:
+    """Forged key exchanges each cost a signature check: beyond a budget they are dropped
+    unchecked, and the real peer's own key exchanges still get through afterwards."""
+    from secureiod.secureio import KeyExchangeMessage
+
+    kx = KeyExchangeOptions(key_update_interval=5.0)
+    link = _established_pair(options=SessionOptions(key_exchange=kx))
+    attacker = Identity.from_seed(b"\x42" * 32)
+    msg = KeyExchangeMessage(
+        link.a.session.session_id, attacker.public_key.raw, b"\x05" * 32, 1, False
+    ).signed_by(attacker)
+    for i in range(1000):  # all in the same instant
+        pkt = seal(PacketKey.clear(), 10 + i, encode_message(0xFFFFFFFE, msg.encode(), 0))
+        link.inject(link.b, pkt)
+    link.run(0.001)
+    b = link.b.session
+    assert b.stats.drops["kx-rate-limited"] >= 950
+    assert b.stats.drops["kx-bad-signature"] <= 50
+    link.run(12.0)  # rotations after the flood are processed normally
+    assert b.key_rotations[1] >= 2
+    assert b.state == SessionState.ESTABLISHED

@@ -35,6 +35,9 @@ class DropReason(enum.Enum):
     KX_BAD_KEY = "kx-bad-key"
     KX_STALE_SESSION = "kx-stale-session"
     KX_REPLAYED = "kx-replayed"
+    KX_RATE_LIMITED = "kx-rate-limited"
+    """More key-exchange messages than any real peer sends: each costs a signature check,
+    so beyond the budget they are dropped unchecked."""
     NEGOTIATION_MALFORMED = "negotiation-malformed"
     FRAGMENT_INVALID = "fragment-invalid"
     FRAGMENT_DUPLICATE = "fragment-duplicate"

@@ -56,6 +56,7 @@ _KX: Final = MessageType.KEY_EXCHANGE
 _NEG: Final = MessageType.NEGOTIATION
 _CONF: Final = MESSAGE_FLAG_CONFIDENTIAL
 _MAX_EVENTS: Final = 65536
+_KX_BURST: Final = 20.0
 
 
 class SessionClosedError(SecureioError):
@@ -85,6 +86,10 @@ class SessionOptions:
     max_fragmented_message_size: int = 65536
     reassembly_budget: int = 1 << 20
     max_fragment_chains: int = 8
+    max_chain_id_diff: int = 8
+    """How far behind the newest chain a partial chain may fall before it is given up."""
+    key_exchanges_per_second: float = 50.0
+    """Budget of signature checks for received key-exchange messages (burst: 20)."""
     close_after_decrypt_failures: int = 0
     """Close after this many consecutive undecryptable datagrams; 0 never (the reference
     closes on the first one, §13 item 12)."""
@@ -154,6 +159,8 @@ class Session:
         self._seen_rotations = (0, 0)
         self._kx_accepted = False
         self._needs_update = False
+        self._kx_tokens = _KX_BURST
+        self._kx_stamp = 0.0
         self._ring = KeyRing([self._fallback])
         self._ring_version = -1
 
@@ -163,6 +170,7 @@ class Session:
             max_message_size=opt.max_fragmented_message_size,
             max_chains=opt.max_fragment_chains,
             byte_budget=opt.reassembly_budget,
+            max_chain_id_diff=opt.max_chain_id_diff,
         )
 
     # -- properties -------------------------------------------------------------------
@@ -178,6 +186,13 @@ class Session:
     @property
     def is_established(self) -> bool:
         return self.state == SessionState.ESTABLISHED
+
+    @property
+    def fragment_chains(self) -> tuple[int, int]:
+        """(chains reassembled, chains given up incomplete) since the peer's session began:
+        a lost fragment costs its whole chain, so the ratio tells how lossy the path is."""
+        r = self._reassembler
+        return r.completed, r.expired + r.evictions
 
     @property
     def key_rotations(self) -> tuple[int, int]:
@@ -364,6 +379,8 @@ class Session:
     # -- receive internals ------------------------------------------------------------
 
     def _unencrypted_allowed(self, messages: bytes) -> bool:
+        if not messages:
+            return False  # nothing legitimate is empty: count it, do not ignore it
         allow_fragments = self.options.accept_unencrypted_fragments
         try:
             for m in iter_messages(messages):
@@ -403,6 +420,15 @@ class Session:
             self.stats.drop(DropReason.TRUNCATED_MESSAGE)
 
     def _handle_kx(self, payload: memoryview, now: float) -> None:
+        # Token bucket: anyone can forge a clear key-exchange packet, and each costs an
+        # Ed25519 verification; a real peer sends a few per minute.
+        rate = self.options.key_exchanges_per_second
+        self._kx_tokens = min(_KX_BURST, self._kx_tokens + max(0.0, now - self._kx_stamp) * rate)
+        self._kx_stamp = now
+        if self._kx_tokens < 1:
+            self.stats.drop(DropReason.KX_RATE_LIMITED)
+            return
+        self._kx_tokens -= 1
         try:
             msg = KeyExchangeMessage.decode(payload)
         except MalformedError:
