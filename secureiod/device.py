@@ -30,6 +30,7 @@ from typing import Any, Final
 from .control import ControlError, ControlServer
 from .notify import watchdog_interval
 from .offload import (
+    CAP_LOSSY,
     CAP_VNET,
     CAPS_TYPE,
     MAX_SEGMENT,
@@ -69,10 +70,11 @@ TRIAL_PEER_LIMIT: Final = 32
 trial decryption against every session would cost too much per hostile datagram."""
 TRIALS_PER_SECOND: Final = 500.0
 REFUSAL_LOG_INTERVAL: Final = 30.0
-TICK: Final = 1.0
+TICK: Final = 0.25
 LOSS_MIN_CHAINS: Final = 2
 LOSS_RATIO: Final = 0.01
 OFFLOAD_MAX_COOLDOWN: Final = 600.0
+CAPS_INTERVAL: Final = 10.0
 _REFUSALS: Final = (
     (
         "kx-bad-signature",
@@ -621,15 +623,17 @@ class Device:
                 self._update_status()
 
     def _send_caps(self, peer: Peer, now: float) -> None:
-        accept = self.tun.vnet_hdr and peer.vnet_suspended_until is None
-        caps = CAP_VNET if accept else 0
+        peer.caps_sent_at = now
+        caps = CAP_VNET if self.tun.vnet_hdr else 0
+        if caps and peer.vnet_suspended_until is not None:
+            caps |= CAP_LOSSY
         self._write(peer, CAPS_TYPE, encode_caps(caps), now)
         self._dirty.add(peer)
 
     def _check_segment_loss(self, now: float) -> None:
         """Whole segments travel as chains of fragments, and one lost datagram loses the
         chain: on a lossy path that turns 1 % loss into 30 % and starves TCP. So a receiver
-        that sees chains lost tells the sender to stop (caps without CAP_VNET), which then
+        that sees chains lost tells the sender to stop (caps with CAP_LOSSY), which then
         segments in the kernel like any MTU-sized tunnel; it asks again after a cooldown."""
         if not self.tun.vnet_hdr:
             return
@@ -662,6 +666,12 @@ class Device:
                 peer.vnet_suspended_until = None
                 logger.info("peer %s: offering whole segments again", peer.name)
                 self._send_caps(peer, now)
+            elif d_done + d_lost:
+                # Chains still arrive: our request was lost on this lossy path. Again.
+                self._send_caps(peer, now)
+                continue
+            if now - peer.caps_sent_at >= CAPS_INTERVAL:
+                self._send_caps(peer, now)  # a lost announcement must not cost offload
 
     def _update_offload(self) -> None:
         """TSO on the TUN device only while every established peer takes whole segments:
@@ -671,7 +681,8 @@ class Device:
         established = [p for p in self.peers.values() if p.state == SessionState.ESTABLISHED]
         want = (
             TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
-            if established and all(p.remote_caps & CAP_VNET for p in established)
+            if established
+            and all(p.remote_caps & CAP_VNET and not p.remote_caps & CAP_LOSSY for p in established)
             else 0
         )
         if want != self.tun.offload:

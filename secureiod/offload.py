@@ -9,7 +9,8 @@ unchanged, where the kernel takes it as one large packet. One system call and on
 through the kernel's TCP code per 64 KiB instead of per 1.4 KiB, on both ends.
 
 Only peers that said so (a ``CAPS_TYPE`` message after establishment) get such messages;
-the device turns TSO on only while every established peer accepts them. Plain packets still
+the device turns TSO on only while every established peer accepts them and none reports
+a lossy path (``CAP_LOSSY``: one lost datagram loses a whole chain). Plain packets still
 travel as ``READ_WRITE`` messages, so a peer without offload interoperates. Reference Go
 peers drop both reserved types silently (PROTOCOL §5.4).
 
@@ -28,6 +29,10 @@ VNET_TYPE: Final = 0xFFFFFFEF
 CAPS_TYPE: Final = 0xFFFFFFF0
 """Message type: u32 LE capability bits of the sending daemon (reserved range)."""
 CAP_VNET: Final = 0x1
+"""The sender of the caps takes VNET_TYPE messages."""
+CAP_LOSSY: Final = 0x2
+"""...but loses whole-segment chains on this path: please let the kernel segment (TSO off).
+Segments already on their way are still welcome, so nothing is dropped at the switch."""
 
 VNET_HDR_SIZE: Final = 10
 ZERO_HDR: Final = bytes(VNET_HDR_SIZE)

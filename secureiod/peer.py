@@ -94,6 +94,7 @@ class Peer:
         self.vnet_suspended_until: float | None = None
         """While set, we told the peer not to send whole segments (the path loses them)."""
         self.vnet_cooldown = OFFLOAD_COOLDOWN
+        self.caps_sent_at = 0.0
         self.remote_caps = 0
         """Capability bits the peer announced (``offload.CAP_VNET``); reset per session."""
 
