@@ -65,6 +65,8 @@ from .udp import Address, SendResult, UdpSocket, format_endpoint, parse_endpoint
 logger = logging.getLogger(__name__)
 
 BATCH: Final = 256
+BUSY_GAP: Final = 0.002
+"""Wake-ups closer than this count as "under load": read whole batches."""
 TRIAL_PEER_LIMIT: Final = 32
 """Above this many peers an unknown address is identified only by its key exchange:
 trial decryption against every session would cost too much per hostile datagram."""
@@ -170,6 +172,8 @@ class Device:
         self._watchdog = watchdog_interval() if notifier is not None and notifier.enabled else None
         self._next_watchdog: float | None = None
         self._next_tick = clock() + TICK
+        self._batch = BATCH
+        self._last_wake = 0.0
         self.started_at = clock()
         self.control: ControlServer | None = None
         if control_path is not None:
@@ -312,9 +316,16 @@ class Device:
         if self.notifier:
             self.notifier.ready()
         while self._running:
-            timeout = self._timeout(self.clock())
-            for key, _ in sel.select(timeout):
-                key.data(key.fd, self.clock())
+            ready = sel.select(self._timeout(self.clock()))
+            now = self.clock()
+            # After a quiet spell, take one packet per descriptor: reading on until EAGAIN
+            # costs a system call that, on a cold CPU, is a good part of a ping's latency
+            # (level-triggered epoll wakes us again if more is waiting). Under load the
+            # wake-ups come back to back and every read takes a whole batch.
+            self._batch = BATCH if now - self._last_wake < BUSY_GAP else 1
+            self._last_wake = now
+            for key, _ in ready:
+                key.data(key.fd, now)
             now = self.clock()
             self._run_timers(now)
             self._flush_dirty(now)
@@ -404,7 +415,7 @@ class Device:
         lookup = self.router.lookup_destination
         dirty = self._dirty
         if not self.tun.vnet_hdr:
-            for packet in self.tun.read_batch(BATCH):
+            for packet in self.tun.read_batch(self._batch):
                 peer = lookup(packet)
                 if peer is None:
                     self.stats.no_route += 1
@@ -415,7 +426,7 @@ class Device:
                     c.tx_bytes += len(packet)
                 dirty.add(peer)
             return
-        for buf in self.tun.read_batch(BATCH, MAX_SEGMENT):
+        for buf in self.tun.read_batch(self._batch, MAX_SEGMENT):
             peer = lookup(buf, VNET_HDR_SIZE)
             if peer is None:
                 self.stats.no_route += 1
@@ -456,7 +467,7 @@ class Device:
     def _on_udp(self, fd: int, now: float) -> None:
         by_addr = self._by_addr
         dirty = self._dirty
-        for data, addr in self.udp.recv_batch(BATCH):
+        for data, addr in self.udp.recv_batch(self._batch):
             key = (addr[0], addr[1])
             peer = by_addr.get(key)
             if peer is None:

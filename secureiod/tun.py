@@ -93,6 +93,8 @@ class TunDevice:
         self._logged: set[tuple[str, int]] = set()
         self.vnet_hdr = False
         self.offload = 0
+        self._buffer = bytearray(0)
+        self._buffers = [self._buffer]
 
     @classmethod
     def open(
@@ -186,10 +188,17 @@ class TunDevice:
         """
         fd = self._fd
         stats = self.stats
+        if len(self._buffer) < bufsize:
+            self._buffer = bytearray(bufsize)
+            self._buffers = [self._buffer]
+        view = memoryview(self._buffer)
+        buffers = self._buffers
         out: list[bytes] = []
         for _ in range(max_packets):
+            # readv into one reused buffer: os.read would allocate (and fault in) bufsize
+            # bytes for every packet, 64 KiB with offload, and again for the final EAGAIN.
             try:
-                packet = os.read(fd, bufsize)
+                size = os.readv(fd, buffers)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -198,8 +207,8 @@ class TunDevice:
                 self._count(stats.read_errors, "read", exc)
                 break
             stats.packets_read += 1
-            stats.bytes_read += len(packet)
-            out.append(packet)
+            stats.bytes_read += size
+            out.append(bytes(view[:size]))
         return out
 
     def write(self, packet: bytes | bytearray | memoryview) -> bool:
