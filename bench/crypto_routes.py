@@ -25,12 +25,10 @@ for comparing routes, never thresholds for a test.
 from __future__ import annotations
 
 import argparse
-import gc
 import hmac
 import importlib.metadata
 import json
 import platform
-import statistics
 import struct
 import sys
 import time
@@ -41,6 +39,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import nacl.signing
+from benchlib import cpu_model, measure
 from blake3 import blake3
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.poly1305 import Poly1305
@@ -252,39 +251,6 @@ def verify_route(route: Route, stream_key: bytes, seed: bytes, key: packet.Packe
 # --- timing ----------------------------------------------------------------------------------
 
 
-def measure(op: Callable[[], object], repeats: int, target_ns: int) -> float:
-    """Median per-call time of ``op`` in µs.
-
-    The batch size doubles until one batch takes ``target_ns``, so fast and slow operations
-    get equally stable numbers; the median of ``repeats`` batches ignores the odd
-    interruption.  GC is off while timing, as in ``timeit``, so a collection triggered by
-    earlier garbage is not charged to whatever runs next.
-    """
-    clock = time.perf_counter_ns
-    op()  # warm caches and lazily initialised backends
-    n = 1
-    while True:
-        start = clock()
-        for _ in range(n):
-            op()
-        if clock() - start >= target_ns:
-            break
-        n *= 2
-    samples = []
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(repeats):
-            start = clock()
-            for _ in range(n):
-                op()
-            samples.append((clock() - start) / n)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return statistics.median(samples) / 1000.0
-
-
 def seal_open_op(route: Route, stream_key: bytes, seed: bytes, msgs: bytes) -> Callable[[], None]:
     """One seal then one open, with a fresh PacketID each time as on a real session."""
     seal, open_, ids = route.seal, route.open, count(1)
@@ -344,16 +310,6 @@ def piece_ops(stream_key: bytes, seed: bytes) -> list[tuple[str, Callable[[], ob
 
 
 # --- reporting -------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def library_versions() -> dict[str, str]:

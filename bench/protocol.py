@@ -20,11 +20,9 @@ for comparison, never thresholds for a test.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.metadata
 import json
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +30,8 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 from typing import Any, Final
+
+from benchlib import cpu_model, measure
 
 from secureiod.secureio.packet import PacketClass, PacketKey, open_packet, seal
 from secureiod.secureio.replay import ReplayWindow
@@ -101,38 +101,6 @@ def verify(case: Case, messages: bytes) -> bytes:
 # --- timing (same method as crypto_routes.measure, kept local so each script stands alone) --
 
 
-def measure(op: Callable[[], object], repeats: int, target_ns: int) -> float:
-    """Median per-call time of ``op`` in µs.
-
-    The batch size doubles until one batch takes ``target_ns``, so fast and slow operations
-    get equally stable numbers; the median of ``repeats`` batches ignores the odd
-    interruption.  GC is off while timing, as in ``timeit``.
-    """
-    clock = time.perf_counter_ns
-    op()
-    n = 1
-    while True:
-        start = clock()
-        for _ in range(n):
-            op()
-        if clock() - start >= target_ns:
-            break
-        n *= 2
-    samples = []
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(repeats):
-            start = clock()
-            for _ in range(n):
-                op()
-            samples.append((clock() - start) / n)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return statistics.median(samples) / 1000.0
-
-
 def packet_ops(case: Case, messages: bytes) -> dict[str, Callable[[], object]]:
     """seal, open and seal+open closures; sealing uses a fresh PacketID every call."""
     datagram = verify(case, messages)
@@ -186,16 +154,6 @@ def extra_ops() -> list[tuple[str, int, Callable[[], object]]]:
 
 
 # --- reporting -------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def library_versions() -> dict[str, str]:
