@@ -8,6 +8,7 @@ import ``harness`` directly (``netns-tests`` cannot be a package).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -55,10 +56,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         harness.cleanup_orphans()  # namespaces of earlier runs that were SIGKILLed
     # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so the finalizers still run.
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        signal.signal(signal.SIGTERM, functools.partial(_raise_keyboard_interrupt, os.getpid()))
 
 
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+def _raise_keyboard_interrupt(main_pid: int, signum: int, frame: Any) -> None:
+    if os.getpid() != main_pid:
+        # A forked child (pyroute2's namespace helper, a test's worker) inherits this
+        # handler; pyroute2 ends its helper with SIGTERM. Unwinding there would run a copy
+        # of the pytest session in the child: die as the signal means instead.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise KeyboardInterrupt(f"signal {signum}")
 
 
