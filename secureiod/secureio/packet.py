@@ -191,15 +191,9 @@ def open_packet(
     data: bytes | memoryview, keys: Sequence[PacketKey], packet_id_mask: int = 0
 ) -> OpenedPacket:
     """Open a datagram with the first key whose header tag verifies (see ``open_python``)."""
-    if ACCEL is None:
-        return open_python(data, keys, packet_id_mask)
-    result = ACCEL.open(  # type: ignore[attr-defined]
-        data, tuple([(k.stream_key, k.mac_seed) for k in keys]), packet_id_mask
-    )
-    if type(result) is int:
-        raise _OPEN_ERRORS[result](f"datagram of {len(data)} bytes: {_OPEN_REASONS[result]}")
-    pid, index, messages = result
-    return OpenedPacket(pid, keys[index].packet_class, index, messages)
+    ring = KeyRing(keys)
+    pid, index, messages = open_ring(data, ring, packet_id_mask)
+    return OpenedPacket(pid, ring.keys[index].packet_class, index, messages)
 
 
 def open_python(

@@ -236,10 +236,7 @@ class Session:
             if not kx.send_confirmed:
                 kx.note_session_packet(kx.recv_slot_ids[index])
                 self._needs_update = True
-            self._decrypt_failures = 0
-            self.last_received = now
-            stats.rx_packets += 1
-            stats.rx_bytes += len(data)
+            self._accept_datagram(len(data), now)
             # The common case, one data message filling the packet, without the generic walk.
             if len(messages) >= MESSAGE_HEADER_SIZE:
                 mtype, length, flags = MESSAGE_HEADER.unpack_from(messages)
@@ -266,7 +263,7 @@ class Session:
                     if self._needs_update:
                         self._after_input(now)
                     return
-            self._process_messages(messages, now, confidential=True)
+            self._process_messages(messages, now)
         else:
             # Clear/aux packets are authenticated by nothing but the PacketID (or a static
             # PSK key): decide what they may carry before they touch any state. They never
@@ -275,7 +272,7 @@ class Session:
                 stats.drop(DropReason.UNENCRYPTED_PAYLOAD)
                 return
             self._kx_accepted = False
-            self._process_messages(messages, now, confidential=False)
+            self._process_messages(messages, now)
             if self._kx_accepted:  # a signature verified: now it counts as authentic
                 self._accept_datagram(len(data), now)
         if self._needs_update:
@@ -399,7 +396,7 @@ class Session:
         self.stats.rx_packets += 1
         self.stats.rx_bytes += size
 
-    def _process_messages(self, messages: bytes, now: float, *, confidential: bool) -> None:
+    def _process_messages(self, messages: bytes, now: float) -> None:
         try:
             for m in iter_messages(messages):
                 mtype = m.type
