@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import enum
 import errno
-import ipaddress
 import logging
 import socket
 import struct
 import sys
 from dataclasses import dataclass, field
 from typing import Final
+
+from .endpoint import Address, format_endpoint
 
 __all__ = [
     "DEFAULT_BUFFER_SIZE",
@@ -32,16 +33,10 @@ __all__ = [
     "SendResult",
     "UdpSocket",
     "UdpStats",
-    "format_endpoint",
-    "parse_endpoint",
-    "resolve_endpoint",
 ]
 
 logger = logging.getLogger(__name__)
 
-Address = tuple[str, int] | tuple[str, int, int, int]
-"""A socket address as the ``socket`` module gives it: (host, port) for IPv4,
-(host, port, flowinfo, scope_id) for IPv6."""
 
 DEFAULT_BUFFER_SIZE: Final = 4 * 1024 * 1024
 """Kernel socket buffers: large enough to ride out a burst while the loop is busy
@@ -69,7 +64,6 @@ _GRO_SIZE: Final = struct.Struct("=i")
 _CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 
 _DROP_ERRNOS: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
-_ENDPOINT_FORMS: Final = "expected HOST:PORT, [IPv6]:PORT or :PORT"
 
 
 class SendResult(enum.Enum):
@@ -97,79 +91,6 @@ class UdpStats:
     tx_errors: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     """Counts of the 'other' OSErrors, keyed by errno name, for status output."""
-
-
-# --- endpoints ------------------------------------------------------------------------------
-
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` into (host, port).
-
-    An empty host (``:PORT``) means "any address" to a listener. A bare IPv6 address with a
-    port is refused rather than guessed at, because ``::1:5000`` is ambiguous. Port 0 is
-    allowed here (a listener picking a free port); a caller that connects checks for it.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"endpoint must be text, not {type(text).__name__}")
-    value = text.strip()
-    if not value:
-        raise ValueError(f"empty endpoint; {_ENDPOINT_FORMS}")
-    if value.startswith("["):
-        close = value.find("]")
-        if close < 0:
-            raise ValueError(f"{text!r}: missing ']' after the IPv6 address; {_ENDPOINT_FORMS}")
-        host = value[1:close]
-        rest = value[close + 1 :]
-        if not rest.startswith(":"):
-            raise ValueError(f"{text!r}: missing ':PORT' after ']'; {_ENDPOINT_FORMS}")
-        port_text = rest[1:]
-        try:
-            ipaddress.IPv6Address(host.split("%", 1)[0])
-        except ValueError:
-            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = value.rpartition(":")
-        if not sep:
-            raise ValueError(f"{text!r}: missing ':PORT'; {_ENDPOINT_FORMS}")
-        if ":" in host:
-            raise ValueError(
-                f"{text!r}: put an IPv6 address in brackets, e.g. [{host}]:{port_text}"
-            )
-        if any(c.isspace() for c in host):
-            raise ValueError(f"{text!r}: the host contains whitespace")
-    if not port_text.isdigit() or not port_text.isascii():
-        raise ValueError(f"{text!r}: port {port_text!r} is not a number in 0..65535")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"{text!r}: port {port} is out of range 0..65535")
-    return host, port
-
-
-def format_endpoint(address: Address | tuple[str, int]) -> str:
-    """The inverse of ``parse_endpoint``, for log lines and CLI output."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def resolve_endpoint(
-    host: str, port: int, *, family: int = socket.AF_UNSPEC, passive: bool = False
-) -> tuple[int, Address]:
-    """Resolve to (family, sockaddr) with getaddrinfo; the first answer wins.
-
-    Blocking (it may ask DNS): asyncio callers use ``loop.getaddrinfo`` instead. An empty
-    host with ``passive`` is the IPv4 wildcard: a dual-stack socket would hand us
-    v4-mapped addresses and make roaming comparisons surprising.
-    """
-    if not host:
-        if not passive:
-            raise ValueError("an address to send to needs a host")
-        host = "::" if family == socket.AF_INET6 else "0.0.0.0"
-    flags = socket.AI_PASSIVE if passive else 0
-    infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM, socket.IPPROTO_UDP, flags)
-    if not infos:  # pragma: no cover - getaddrinfo raises instead
-        raise OSError(f"no address for {host!r}")
-    fam, _, _, _, sockaddr = infos[0]
-    return int(fam), sockaddr
 
 
 # --- the socket -----------------------------------------------------------------------------

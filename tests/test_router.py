@@ -9,7 +9,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secureiod.router import AllowedIPs
+from secureiod.daemon.allowed_ips import AllowedIPs
 
 
 def v4_packet(src: str, dst: str) -> bytes:

@@ -13,18 +13,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import ConfigError, check_config, load_config
+from ..config import Config, ConfigError, check_config, load_config, reload_config
 from ..control import ControlError
-from ..device import Device, install_signal_handlers
+from ..daemon.device import Device
+from ..daemon.loop import EventLoop, SystemClock
+from ..endpoint import format_endpoint, resolve_endpoint
 from ..netlink import Netlink, NetlinkError
-from ..notify import Notifier, setup_logging
+from ..notify import Notifier, setup_logging, watchdog_interval
 from ..privileges import PrivilegeError, current_capabilities, drop_privileges
+from ..resolver import ThreadResolver
 from ..tun import TunDevice, TunError
-from ..udp import UdpSocket, format_endpoint, resolve_endpoint
+from ..udp import UdpSocket
 from . import ArgumentParser
 
 logger = logging.getLogger("secureiod")
@@ -106,13 +110,18 @@ def _check_unprivileged() -> None:
         )
 
 
-def _serve(  # type: ignore[no-untyped-def]
-    config, config_path: Path, user: str | None, *, control: bool, require_unprivileged: bool
-) -> int:  # type: ignore[no-untyped-def]
+def _serve(
+    config: Config,
+    config_path: Path,
+    user: str | None,
+    *,
+    control: bool,
+    require_unprivileged: bool,
+) -> int:
     iface = config.interface
     tun = TunDevice.open(iface.name, vnet_hdr=iface.offload)
-    created_addresses: list = []
     netlink = Netlink()
+    loop = EventLoop()
     device: Device | None = None
     try:
         listen = iface.listen
@@ -124,20 +133,22 @@ def _serve(  # type: ignore[no-untyped-def]
             tun=tun,
             udp=udp,
             netlink=netlink,
-            notifier=notifier,
+            notifier=notifier if notifier.enabled else None,
+            resolver=ThreadResolver(loop.call_soon_threadsafe),
+            loop=loop,
+            clock=SystemClock(),
             control_path=iface.control_socket if control else None,
+            config_loader=reload_config,
+            watchdog_interval=watchdog_interval() if notifier.enabled else None,
         )
-        device.config_path = config_path
-        device.load_config = load_config
         device.configure_interface()
-        created_addresses = list(iface.address)
         if user:
             drop_privileges(user)
             logger.info("running as %s with CAP_NET_ADMIN only", user)
         if require_unprivileged:
             _check_unprivileged()
-        device.add_peers(list(config.peers), device.clock())
-        install_signal_handlers(device)
+        _install_signal_handlers(loop, device)
+        device.start()
         logger.info(
             "%s up: listening on %s, %d peer(s), public key %s",
             tun.name,
@@ -145,20 +156,19 @@ def _serve(  # type: ignore[no-untyped-def]
             len(config.peers),
             config.identity.public_key,
         )
-        reason = device.run()
-        logger.info("stopping (%s)", reason)
+        loop.run(after_wakeup=device.after_wakeup)
+        logger.info("stopping")
         notifier.stopping()
         return 0
     finally:
         # Each step on its own: one failing (e.g. a file we may no longer touch after
         # dropping privileges) must not leave the device or sockets open.
         for step in (
-            (lambda: device.close()) if device is not None else None,
-            (lambda: _cleanup_preexisting(netlink, tun.name, device, created_addresses))
-            if tun.preexisted
-            else None,
+            device.close if device is not None else None,
+            device.give_back if device is not None and tun.preexisted else None,
             tun.close,
             netlink.close,
+            loop.close,
         ):
             if step is None:
                 continue
@@ -168,20 +178,17 @@ def _serve(  # type: ignore[no-untyped-def]
                 logger.warning("cleanup: %s", exc)
 
 
-def _cleanup_preexisting(netlink: Netlink, name: str, device, addresses: list) -> None:  # type: ignore[no-untyped-def]
-    """A device we did not create stays, but loses what we added to it."""
-    if device is not None:
-        for peer in list(device.peers.values()):
-            for net in peer.config.allowed_ips:
-                try:
-                    netlink.delete_route(net, name)
-                except NetlinkError as exc:
-                    logger.warning("%s", exc)
-    for address in addresses:
-        try:
-            netlink.delete_address(name, address)
-        except NetlinkError as exc:
-            logger.warning("%s", exc)
+def _install_signal_handlers(loop: EventLoop, device: Device) -> None:
+    """SIGTERM/SIGINT stop the loop; SIGHUP reloads exactly as ``secureioctl reload``
+    does (a refused config is logged and the tunnel keeps running)."""
+
+    def stop(signum: int, _frame: object) -> None:
+        logger.info("%s received", signal.Signals(signum).name)
+        loop.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, lambda *_: loop.call_soon_threadsafe(device.reload_logged))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,245 @@
+"""The device: one TUN, one UDP socket, one session per peer — wiring only.
+
+Each concern lives in its own module (see the package docstring); ``Device`` builds them,
+registers the two data descriptors with the event loop and, after every wake-up, flushes
+each peer that the wake-up touched once: its aggregated messages go out, its events are
+delivered, its timer is re-armed.
+
+One datagram's trip inward: ``UdpPort.recv_batch`` → ``ReceivePath.on_udp`` →
+``Demultiplexer.receive_datagram`` → ``Session.receive_datagram`` (the core decides) → (after
+the wake-up) ``ReceivePath.drain`` → inner header and source checks → ``TunPort.write``.
+Outward: ``TunPort.read_batch`` → ``SendPath.on_tun`` → ``AllowedIPs.lookup_destination`` →
+``Session.write_message`` → (after the wake-up) ``SendPath.transmit`` →
+``Session.datagrams_to_send`` → ``UdpPort.send_batch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from ..config import Config, ConfigError
+from ..control import ControlError
+from ..secureio.demux import Demultiplexer
+from .allowed_ips import AllowedIPs
+from .control import ControlServer
+from .lifecycle import Lifecycle
+from .offload import LOSS_CHECK_INTERVAL, OffloadCaps
+from .peer import Peer
+from .ports import ClockPort, LoopPort, NetlinkPort, NotifierPort, ResolverPort, TunPort, UdpPort
+from .receive import ReceivePath
+from .reload import ReloadResult, apply_config
+from .routes import Routes
+from .send import BatchSize, SendPath
+from .status import DeviceStats, device_status, status_line
+
+logger = logging.getLogger("secureiod")
+
+ConfigLoader = Callable[[Path, Config], Config]
+"""(path, running config) -> new config; the running one lets the loader reuse what did
+not change (the private key, which the dropped user may no longer read)."""
+WATCHDOG_FRACTION: Final = 0.5
+
+
+class Device:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        tun: TunPort,
+        udp: UdpPort,
+        netlink: NetlinkPort,
+        notifier: NotifierPort | None,
+        resolver: ResolverPort,
+        loop: LoopPort,
+        clock: ClockPort,
+        control_path: Path | None = None,
+        config_loader: ConfigLoader | None = None,
+        watchdog_interval: float | None = None,
+    ) -> None:
+        self.tun = tun
+        self.udp = udp
+        self.loop = loop
+        self.clock = clock
+        self.notifier = notifier
+        self.resolver = resolver
+        self.config_loader = config_loader
+        self.watchdog_interval = watchdog_interval
+        self.ifname = tun.name
+        self.stats = DeviceStats()
+        self.peers: dict[str, Peer] = {}
+        self.dirty: set[Peer] = set()
+        self.router: AllowedIPs[Peer] = AllowedIPs()
+        self.demux: Demultiplexer[Peer] = Demultiplexer()
+        self.routes = Routes(netlink, self.ifname, config.interface)
+        batch = BatchSize()
+        self.send = SendPath(tun, udp, self.router, self.dirty, batch)
+        self.offload = OffloadCaps(tun, self.send.write, self.ifname)
+        self.lifecycle = Lifecycle(
+            config,
+            peers=self.peers,
+            router=self.router,
+            demux=self.demux,
+            routes=self.routes,
+            offload=self.offload,
+            send=self.send,
+            loop=loop,
+            clock=clock,
+            resolver=resolver,
+            udp_family=udp.family,
+            on_status=self._update_status,
+        )
+        self.receive = ReceivePath(
+            tun,
+            udp,
+            self.demux,
+            self.router,
+            self.dirty,
+            batch,
+            on_caps=lambda peer, payload: self.offload.on_caps(peer, payload, self.peers.values()),
+            on_event=self.lifecycle.on_event,
+        )
+        self.control = (
+            ControlServer(control_path, self.handle_command, loop, clock=clock.monotonic)
+            if control_path is not None
+            else None
+        )
+        self.started_at = clock.monotonic()
+        self._status_text = ""
+
+    @property
+    def config(self) -> Config:
+        return self.lifecycle.config
+
+    # -- start and stop ----------------------------------------------------------------
+
+    def configure_interface(self) -> None:
+        """Addresses, MTU, link up: before privileges are dropped."""
+        self.routes.configure_interface()
+
+    def start(self) -> None:
+        """Peers, descriptors and timers; call ``configure_interface`` first."""
+        now = self.clock.monotonic()
+        for pc in self.config.peers:
+            self.lifecycle.add_peer(pc, now)
+        self.loop.add_reader(self.tun.fileno(), self.send.on_tun)
+        self.loop.add_reader(self.udp.fileno(), self.receive.on_udp)
+        if self.control is not None:
+            self.control.start()
+        if self.tun.vnet_hdr:
+            self.loop.call_at(now + LOSS_CHECK_INTERVAL, self._check_offload)
+        if self.watchdog_interval and self.notifier is not None:
+            self._watchdog(now)
+        self.after_wakeup(now)
+        self._update_status(force=True)
+        if self.notifier is not None:
+            self.notifier.ready()
+
+    def close(self) -> None:
+        now = self.clock.monotonic()
+        for peer in self.peers.values():
+            if peer.session is not None:
+                peer.session.close(now, "daemon stopping")
+        for fd in (self.tun.fileno(), self.udp.fileno()):
+            self.loop.remove_reader(fd)
+        if self.control is not None:
+            self.control.close()
+        self.resolver.close()
+
+    def give_back(self) -> None:
+        """On stop, for a TUN device we did not create: remove our routes and addresses."""
+        self.routes.remove_all(self.peers.values())
+
+    # -- the loop's hooks --------------------------------------------------------------
+
+    def after_wakeup(self, now: float) -> None:
+        """Flush every peer the wake-up touched, once (a flush can touch it again)."""
+        dirty = self.dirty
+        send, receive, lifecycle = self.send, self.receive, self.lifecycle
+        rounds = 0
+        while dirty and rounds < 8:
+            rounds += 1
+            batch = list(dirty)
+            dirty.clear()
+            for peer in batch:
+                s = peer.session
+                if s is None:
+                    continue
+                s.flush(now)
+                send.transmit(peer, now)
+                receive.drain(peer, now)
+                lifecycle.after_activity(peer, now)
+        if dirty:  # still more to do: come back at once rather than sleep on it
+            self.loop.call_at(now, lambda _now: None)
+
+    def _check_offload(self, now: float) -> None:
+        self.offload.check_loss(self.peers.values(), now)
+        self.loop.call_at(now + LOSS_CHECK_INTERVAL, self._check_offload)
+
+    def _watchdog(self, now: float) -> None:
+        assert self.notifier is not None and self.watchdog_interval
+        self.notifier.watchdog()
+        self.loop.call_at(now + self.watchdog_interval * WATCHDOG_FRACTION, self._watchdog)
+
+    def _update_status(self, force: bool = False) -> None:
+        text = status_line(self.peers.values())
+        if force or text != self._status_text:
+            self._status_text = text
+            if self.notifier is not None:
+                self.notifier.status(text)
+
+    # -- reload and control ------------------------------------------------------------
+
+    def reload(self) -> ReloadResult:
+        """Re-read the config file and apply the difference. A config that cannot be
+        loaded or applied is refused with one error line; the running one stays."""
+        config = self.config
+        if self.config_loader is None:
+            raise ControlError("reload: the daemon was started without a config file")
+        if self.notifier is not None:
+            self.notifier.reloading()
+        try:
+            try:
+                new = self.config_loader(config.path, config)
+                result = apply_config(self.lifecycle, self.routes, new, self.clock.monotonic())
+            except ConfigError as exc:
+                raise self._refused(f"reload refused, keeping the running config: {exc}") from None
+            except ControlError as exc:
+                raise self._refused(str(exc)) from None
+        finally:
+            if self.notifier is not None:
+                self.notifier.ready()
+            self._update_status(force=True)
+        self.stats.reloads += 1
+        logger.info("reloaded: %s", result.summary())
+        return result
+
+    def _refused(self, message: str) -> ControlError:
+        self.stats.reloads_refused += 1
+        logger.error("%s", message)
+        return ControlError(message)
+
+    def reload_logged(self, now: float) -> None:
+        """SIGHUP: like ``secureioctl reload``; a refusal is already logged, and never
+        stops the tunnel."""
+        with contextlib.suppress(ControlError):
+            self.reload()
+
+    def status(self) -> dict[str, Any]:
+        return device_status(self, self.clock.monotonic())
+
+    def peers_info(self) -> list[dict[str, Any]]:
+        now = self.clock.monotonic()
+        return [p.describe(now) for p in self.peers.values()]
+
+    def handle_command(self, command: str, request: dict[str, Any]) -> Any:
+        if command == "status":
+            return self.status()
+        if command == "peers":
+            return self.peers_info()
+        if command == "reload":
+            return self.reload().as_dict()
+        raise ControlError(f"unknown command {command!r}")

@@ -1,0 +1,202 @@
+"""The daemon's event loop: one thread, level-triggered epoll, a timer heap.
+
+Why not asyncio: the data path wants one wake-up to drain whole batches from the TUN and
+UDP descriptors with no task, future or callback-handle allocation per packet, and the
+loop's own overhead is a good part of a lone ping's latency. This loop is the minimum
+that serves readers, writers, timers and wake-ups from other threads (the resolver) and
+from signal handlers.
+
+Every callback gets ``now`` (monotonic seconds, read once per wake-up, after the wait),
+so the parts of the daemon never read a clock themselves and tests can drive them with a
+virtual one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import selectors
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+logger = logging.getLogger(__name__)
+
+Callback = Callable[[float], None]
+MAX_WAIT: Final = 3600.0
+
+
+class SystemClock:
+    """The real clocks (``ClockPort``): monotonic seconds for timers, wall-clock
+    nanoseconds for session ids."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wall_ns(self) -> int:
+        return time.time_ns()
+
+
+class Timer:
+    """A scheduled callback; ``cancel`` is O(1) (the heap entry is skipped later)."""
+
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callback) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __lt__(self, other: Timer) -> bool:
+        return self.when < other.when
+
+
+class EventLoop:
+    """Readers and writers on file descriptors, timers, and thread-safe wake-ups."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._selector = selectors.DefaultSelector()
+        self._readers: dict[int, Callback] = {}
+        self._writers: dict[int, Callback] = {}
+        self._timers: list[Timer] = []
+        self._pending: deque[Callback] = deque()
+        self._running = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r.fileno(), selectors.EVENT_READ)
+
+    # -- registration -------------------------------------------------------------------
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        self._readers[fd] = callback
+        self._update(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        self._writers[fd] = callback
+        self._update(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        if self._writers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def _update(self, fd: int) -> None:
+        events = (selectors.EVENT_READ if fd in self._readers else 0) | (
+            selectors.EVENT_WRITE if fd in self._writers else 0
+        )
+        sel = self._selector
+        try:
+            if events:
+                try:
+                    sel.modify(fd, events)
+                except KeyError:
+                    sel.register(fd, events)
+            else:
+                with contextlib.suppress(KeyError):
+                    sel.unregister(fd)
+        except (ValueError, OSError) as exc:  # a descriptor already closed
+            logger.debug("loop: fd %d: %s", fd, exc)
+            self._readers.pop(fd, None)
+            self._writers.pop(fd, None)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                sel.unregister(fd)
+
+    def call_at(self, when: float, callback: Callback) -> Timer:
+        timer = Timer(when, callback)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def call_later(self, delay: float, callback: Callback) -> Timer:
+        return self.call_at(self.clock() + delay, callback)
+
+    def call_soon_threadsafe(self, callback: Callback) -> None:
+        """From any thread or a signal handler: run ``callback`` on the loop soon."""
+        self._pending.append(callback)  # deque.append is atomic: no lock a signal could deadlock on
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    # -- running ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Safe from a signal handler or another thread."""
+        self._running = False
+        self._wake()
+
+    def run(self, after_wakeup: Callback | None = None) -> None:
+        """Serve until ``stop``. ``after_wakeup(now)`` runs once after every wake-up's
+        callbacks and timers: the daemon flushes what they produced there, so small
+        packets of one wake-up share a datagram."""
+        self._running = True
+        sel = self._selector
+        wake_fd = self._wake_r.fileno()
+        clock = self.clock
+        readers, writers = self._readers, self._writers
+        while self._running:
+            ready = sel.select(self._timeout(clock()))
+            now = clock()
+            for key, events in ready:
+                fd = key.fd
+                if fd == wake_fd:
+                    self._drain_wake()
+                    continue
+                if events & selectors.EVENT_READ:
+                    cb = readers.get(fd)
+                    if cb is not None:
+                        cb(now)
+                if events & selectors.EVENT_WRITE:
+                    cb = writers.get(fd)
+                    if cb is not None:
+                        cb(now)
+            self._run_pending(now)
+            self._run_timers(clock())
+            if after_wakeup is not None:
+                after_wakeup(clock())
+
+    def _timeout(self, now: float) -> float:
+        if self._pending:
+            return 0.0
+        timers = self._timers
+        while timers and timers[0].cancelled:
+            heapq.heappop(timers)
+        if not timers:
+            return MAX_WAIT
+        return min(MAX_WAIT, max(0.0, timers[0].when - now))
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(4096):
+                pass
+
+    def _run_pending(self, now: float) -> None:
+        if not self._pending:
+            return
+        pending = self._pending
+        for _ in range(len(pending)):
+            pending.popleft()(now)
+
+    def _run_timers(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0].when <= now:
+            timer = heapq.heappop(timers)
+            if not timer.cancelled:
+                timer.cancelled = True
+                timer.callback(now)
+
+    def close(self) -> None:
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()

@@ -1,0 +1,201 @@
+"""TUN offload between two secureiod peers: whole TCP segments instead of MTU packets.
+
+With ``IFF_VNET_HDR`` and TSO enabled on the TUN device, the kernel hands the daemon TCP
+segments of up to 64 KiB, each behind a 10-byte ``virtio_net_hdr`` saying how to split it
+(``gso_type``, ``gso_size``) and where its checksum goes. The sender carries header and
+segment as ONE secureio message (type ``VNET_TYPE``; secureio fragments it into
+path-sized, encrypted packets), and the receiving daemon writes it to its own TUN device
+unchanged, where the kernel takes it as one large packet. One system call and one pass
+through the kernel's TCP code per 64 KiB instead of per 1.4 KiB, on both ends.
+
+Only peers that said so (a ``CAPS_TYPE`` message after establishment) get such messages;
+the device turns TSO on only while every established peer accepts them and none reports
+a lossy path (``CAP_LOSSY``: one lost datagram loses a whole chain). Plain packets still
+travel as ``READ_WRITE`` messages, so a peer without offload interoperates. Reference Go
+peers drop both reserved types silently (PROTOCOL §5.4).
+
+A received header is checked before the kernel sees it: known GSO types only (TCP over
+IPv4 or IPv6, optionally ECN), flags limited to NEEDS_CSUM/DATA_VALID, and checksum offsets
+inside the packet. The fields are little-endian (the TUN default on little-endian hosts).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Final
+
+from ..secureio.events import SessionState
+from ..tun import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6
+
+if TYPE_CHECKING:
+    from .peer import Peer
+    from .ports import TunPort
+
+logger = logging.getLogger(__name__)
+
+VNET_TYPE: Final = 0xFFFFFFEF
+"""Message type: virtio-net header + IP packet (reserved range, §3.1)."""
+CAPS_TYPE: Final = 0xFFFFFFF0
+"""Message type: u32 LE capability bits of the sending daemon (reserved range)."""
+CAP_VNET: Final = 0x1
+"""The sender of the caps takes VNET_TYPE messages."""
+CAP_LOSSY: Final = 0x2
+"""...but loses whole-segment chains on this path: please let the kernel segment (TSO off).
+Segments already on their way are still welcome, so nothing is dropped at the switch."""
+
+VNET_HDR_SIZE: Final = 10
+ZERO_HDR: Final = bytes(VNET_HDR_SIZE)
+_HDR: Final = struct.Struct("<BBHHHH")
+_CAPS: Final = struct.Struct("<I")
+
+GSO_NONE: Final = 0
+GSO_TCPV4: Final = 1
+GSO_TCPV6: Final = 4
+GSO_ECN: Final = 0x80
+F_NEEDS_CSUM: Final = 1
+F_DATA_VALID: Final = 2
+MAX_SEGMENT: Final = 65535 + VNET_HDR_SIZE
+LOSS_CHECK_INTERVAL: Final = 0.25
+LOSS_MIN_CHAINS: Final = 2
+LOSS_RATIO: Final = 0.01
+MAX_COOLDOWN: Final = 600.0
+CAPS_INTERVAL: Final = 10.0
+
+
+def encode_caps(caps: int) -> bytes:
+    return _CAPS.pack(caps)
+
+
+def decode_caps(payload: bytes | memoryview) -> int | None:
+    """The peer's capability bits; None for a malformed message (ignored)."""
+    if len(payload) < _CAPS.size:
+        return None
+    (caps,) = _CAPS.unpack_from(payload)
+    return caps
+
+
+def header_acceptable(message: bytes | memoryview) -> bool:
+    """Is ``message`` (header + IP packet) safe to hand to the kernel as it is?"""
+    if len(message) < VNET_HDR_SIZE + 20:
+        return False
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _HDR.unpack_from(message)
+    if flags & ~(F_NEEDS_CSUM | F_DATA_VALID):
+        return False
+    base = gso_type & ~GSO_ECN
+    version = message[VNET_HDR_SIZE] >> 4
+    packet_len = len(message) - VNET_HDR_SIZE
+    if base == GSO_TCPV4:
+        if version != 4 or not 0 < gso_size < packet_len:
+            return False
+    elif base == GSO_TCPV6:
+        if version != 6 or not 0 < gso_size < packet_len:
+            return False
+    elif base != GSO_NONE or gso_type & GSO_ECN:
+        return False
+    if flags & F_NEEDS_CSUM and csum_start + csum_offset + 2 > packet_len:
+        return False
+    return hdr_len <= packet_len
+
+
+Write = Callable[["Peer", int, bytes, float], bool]
+
+
+class OffloadCaps:
+    """The capability exchange and the TSO switch on the TUN device.
+
+    Whole segments travel as chains of fragments, and one lost datagram loses the chain:
+    on a lossy path that turns 1 % loss into 30 % and starves TCP. So a receiver that
+    sees chains lost tells the sender to stop (caps with ``CAP_LOSSY``), which then
+    segments in the kernel like any MTU-sized tunnel; it offers again after a cooldown
+    that doubles up to ``MAX_COOLDOWN``.
+    """
+
+    def __init__(self, tun: TunPort, write: Write, ifname: str) -> None:
+        self.tun = tun
+        self.write = write
+        self.ifname = ifname
+
+    @property
+    def enabled(self) -> bool:
+        return self.tun.vnet_hdr
+
+    def send_caps(self, peer: Peer, now: float) -> None:
+        state = peer.offload
+        state.caps_sent_at = now
+        caps = CAP_VNET if self.tun.vnet_hdr else 0
+        if caps and state.suspended_until is not None:
+            caps |= CAP_LOSSY
+        self.write(peer, CAPS_TYPE, encode_caps(caps), now)
+
+    def on_caps(self, peer: Peer, payload: bytes | memoryview, peers: Iterable[Peer]) -> None:
+        caps = decode_caps(payload)
+        if caps is not None and caps != peer.offload.remote_caps:
+            peer.offload.remote_caps = caps
+            logger.info("peer %s: capabilities 0x%x", peer.name, caps)
+            self.update(peers)
+
+    def check_loss(self, peers: Iterable[Peer], now: float) -> None:
+        """Every ``LOSS_CHECK_INTERVAL``: ask for MTU-sized packets where chains are lost,
+        offer whole segments again after the cooldown, repeat a lost announcement."""
+        if not self.tun.vnet_hdr:
+            return
+        for peer in peers:
+            s = peer.session
+            if s is None or not s.is_established:
+                continue
+            state = peer.offload
+            done, lost = s.fragment_chains
+            seen_done, seen_lost = state.chains_seen
+            state.chains_seen = (done, lost)
+            d_done, d_lost = done - seen_done, lost - seen_lost
+            if d_done < 0 or d_lost < 0:  # the reassembler was replaced (peer restart)
+                continue
+            suspended = state.suspended_until
+            if suspended is None:
+                if d_lost >= LOSS_MIN_CHAINS and d_lost > LOSS_RATIO * (d_done + d_lost):
+                    state.suspended_until = now + state.cooldown
+                    logger.warning(
+                        "peer %s: %d of %d whole-segment chains lost in the last %g s; "
+                        "asking for MTU-sized packets for %g s",
+                        peer.name,
+                        d_lost,
+                        d_done + d_lost,
+                        LOSS_CHECK_INTERVAL,
+                        state.cooldown,
+                    )
+                    state.cooldown = min(state.cooldown * 2, MAX_COOLDOWN)
+                    self.send_caps(peer, now)
+            elif now >= suspended:
+                state.suspended_until = None
+                logger.info("peer %s: offering whole segments again", peer.name)
+                self.send_caps(peer, now)
+            elif d_done + d_lost:
+                # Chains still arrive: our request was lost on this lossy path. Again.
+                self.send_caps(peer, now)
+                continue
+            if now - state.caps_sent_at >= CAPS_INTERVAL:
+                self.send_caps(peer, now)  # a lost announcement must not cost offload
+
+    def update(self, peers: Iterable[Peer]) -> None:
+        """TSO on the TUN device only while every established peer takes whole segments:
+        the kernel then hands over up to 64 KiB per read. Otherwise it segments itself."""
+        if not self.tun.vnet_hdr:
+            return
+        established = [p for p in peers if p.state == SessionState.ESTABLISHED]
+        want = (
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+            if established
+            and all(
+                p.offload.remote_caps & CAP_VNET and not p.offload.remote_caps & CAP_LOSSY
+                for p in established
+            )
+            else 0
+        )
+        if want != self.tun.offload:
+            try:
+                self.tun.set_offload(want)
+                logger.info("%s: TCP segmentation offload %s", self.ifname, "on" if want else "off")
+            except Exception as exc:
+                logger.warning("%s: %s", self.ifname, exc)

@@ -1,0 +1,141 @@
+"""The send path: TUN → allowed IPs → the peer's session → UDP.
+
+A wake-up reads a batch of packets from the TUN device, picks each one's peer by its
+destination (longest prefix), and writes it into that peer's session, which aggregates
+small packets; the device then flushes every touched session once (``transmit``), so
+one datagram carries what one wake-up produced for one peer.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from ..secureio.errors import PayloadTooBigError
+from ..secureio.session import QueueFullError, SessionClosedError
+from ..udp import SendResult
+from .allowed_ips import AllowedIPs
+from .offload import CAP_VNET, MAX_SEGMENT, VNET_HDR_SIZE, VNET_TYPE
+from .peer import DATA_TYPE, Peer
+from .ports import TunPort, UdpPort
+
+BATCH: Final = 256
+BUSY_GAP: Final = 0.002
+"""Wake-ups closer than this count as "under load": read whole batches."""
+MAX_TOO_BIG_ROUNDS: Final = 4
+"""``report_too_big`` may produce smaller replacement datagrams; bounded retries."""
+
+
+class BatchSize:
+    """How many packets one read takes. After a quiet spell, one packet per descriptor:
+    reading on until EAGAIN costs a system call that, on a cold CPU, is a good part of a
+    ping's latency (level-triggered epoll wakes us again if more is waiting). Under load
+    the wake-ups come back to back and every read takes a whole batch."""
+
+    __slots__ = ("last_wake", "size")
+
+    def __init__(self) -> None:
+        self.size = 1
+        self.last_wake = 0.0
+
+    def on_wake(self, now: float) -> int:
+        if now != self.last_wake:
+            self.size = BATCH if now - self.last_wake < BUSY_GAP else 1
+            self.last_wake = now
+        return self.size
+
+
+class SendPath:
+    def __init__(
+        self,
+        tun: TunPort,
+        udp: UdpPort,
+        router: AllowedIPs[Peer],
+        dirty: set[Peer],
+        batch: BatchSize,
+    ) -> None:
+        self.tun = tun
+        self.udp = udp
+        self.router = router
+        self.dirty = dirty
+        self.batch = batch
+        self.no_route = 0
+
+    def on_tun(self, now: float) -> None:
+        lookup = self.router.lookup_destination
+        dirty = self.dirty
+        write = self.write
+        size = self.batch.on_wake(now)
+        if not self.tun.vnet_hdr:
+            for packet in self.tun.read_batch(size):
+                peer = lookup(packet)
+                if peer is None:
+                    self.no_route += 1
+                    continue
+                if write(peer, DATA_TYPE, packet, now):
+                    c = peer.counters
+                    c.tx_packets += 1
+                    c.tx_bytes += len(packet)
+                dirty.add(peer)
+            return
+        for buf in self.tun.read_batch(size, MAX_SEGMENT):
+            peer = lookup(buf, VNET_HDR_SIZE)
+            if peer is None:
+                self.no_route += 1
+                continue
+            if buf[0] == 0 and buf[1] == 0:  # no offload work pending: a plain IP packet
+                ok = write(peer, DATA_TYPE, buf[VNET_HDR_SIZE:], now)
+            elif peer.offload.remote_caps & CAP_VNET:
+                ok = write(peer, VNET_TYPE, buf, now)
+            else:
+                peer.counters.drops["offload-unsupported"] += 1
+                continue
+            if ok:
+                c = peer.counters
+                c.tx_packets += 1
+                c.tx_bytes += len(buf) - VNET_HDR_SIZE
+            dirty.add(peer)
+
+    def write(self, peer: Peer, mtype: int, payload: bytes | memoryview, now: float) -> bool:
+        """Hand one message to the peer's session; True if it goes out now (counted as
+        sent), False if dropped or only queued until the session is established."""
+        s = peer.session
+        if s is None:
+            peer.counters.drops["not-established"] += 1
+            return False
+        try:
+            s.write_message(mtype, payload, now)
+        except PayloadTooBigError:
+            peer.counters.drops["too-big"] += 1
+            return False
+        except QueueFullError:
+            peer.counters.drops["queue-full"] += 1
+            return False
+        except SessionClosedError:
+            peer.counters.drops["not-established"] += 1
+            return False
+        self.dirty.add(peer)
+        return s.is_established
+
+    def transmit(self, peer: Peer, now: float) -> None:
+        """Send what the session has for the wire, to the address the session names."""
+        s = peer.session
+        if s is None:
+            return
+        send_batch = self.udp.send_batch
+        for _ in range(MAX_TOO_BIG_ROUNDS):
+            out = s.datagrams_to_send(now)
+            if not out:
+                return
+            n = len(out)
+            i = 0
+            while i < n:
+                addr = out[i][1]
+                j = i + 1
+                while j < n and out[j][1] == addr:
+                    j += 1
+                for datagram, result in send_batch([d for d, _ in out[i:j]], addr):
+                    if result is SendResult.TOO_BIG:
+                        s.report_too_big(len(datagram), now)
+                    else:
+                        peer.counters.drops["send-failed"] += 1
+                i = j
