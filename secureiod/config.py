@@ -42,6 +42,7 @@ from typing import Annotated, Any, Final, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, ValidationError
 
+from .secretfile import SecretFileError, read_psk_file
 from .secureio.constants import DEFAULT_PAYLOAD_SIZE_LIMIT
 from .secureio.errors import IdentityError, SecureioError
 from .secureio.identity import (
@@ -105,7 +106,6 @@ IFNAMSIZ: Final = 16
 _SUN_PATH_MAX: Final = 107
 """sockaddr_un.sun_path is 108 bytes including the NUL: longer socket paths cannot bind."""
 _MAX_CONFIG_SIZE: Final = 1 << 20
-_MAX_PSK_SIZE: Final = 64 * 1024
 _WEAK_PSK_SIZE: Final = 16
 
 RESTART_INTERFACE_FIELDS: Final = frozenset(
@@ -522,9 +522,9 @@ class InterfaceConfig:
     control_socket: Path
     user: str | None
     payload_size_limit: int | None
-    offload: bool
-    """Carry whole TCP segments between secureiod peers (TUN TSO; see ``offload.py``)."""
     """None: derived per peer from the underlay MTU toward its endpoint."""
+    offload: bool
+    """Carry whole TCP segments between secureiod peers (TUN TSO; see ``daemon/offload.py``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -614,7 +614,15 @@ def _read_config_text(path: Path, shown: str) -> str:
         ) from None
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def reload_config(path: str | os.PathLike[str], running: Config) -> Config:
+    """``load_config`` for a reload: the running daemon's identity stands in for a private
+    key file at the same path that can no longer be read (after ``--user`` the daemon
+    may not read a root-owned key, and it need not: an unchanged key needs no re-read). A
+    key file that reads differently still shows up as a change that needs a restart."""
+    return load_config(path, running=running)
+
+
+def load_config(path: str | os.PathLike[str], *, running: Config | None = None) -> Config:
     """Read, validate and resolve the config file at ``path``.
 
     Relative paths inside the file (``private_key``, ``public_key`` files, ``psk_file``) are
@@ -633,7 +641,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         errors = [_translate(error) for error in exc.errors(include_url=False)]
         raise _config_error(shown, raw, errors) from None
     problems: list[_Problem] = []
-    config = _resolve(schema, Path(os.path.abspath(path)), problems)
+    config = _resolve(schema, Path(os.path.abspath(path)), problems, running)
     if problems:
         raise _config_error(shown, raw, problems)
     assert config is not None  # _resolve returns None only with a problem recorded
@@ -782,12 +790,14 @@ def _resolve_path(text: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _resolve(schema: ConfigSchema, path: Path, problems: list[_Problem]) -> Config | None:
+def _resolve(
+    schema: ConfigSchema, path: Path, problems: list[_Problem], running: Config | None = None
+) -> Config | None:
     """Everything that needs more than one value, or a file: collects every problem, so
     that one run of ``--check`` counts them all."""
     base = path.parent
     interface = _resolve_interface(schema.interface, path, problems)
-    identity = _load_own_identity(schema.interface.private_key, base, problems)
+    identity = _load_own_identity(schema.interface.private_key, base, problems, running)
     peers: list[PeerConfig | None] = [
         _resolve_peer(index, peer, base, problems) for index, peer in enumerate(schema.peer)
     ]
@@ -864,8 +874,17 @@ def _resolve_interface(
     )
 
 
-def _load_own_identity(text: str, base: Path, problems: list[_Problem]) -> Identity | None:
+def _load_own_identity(
+    text: str, base: Path, problems: list[_Problem], running: Config | None = None
+) -> Identity | None:
     path = _resolve_path(text, base)
+    if (
+        running is not None
+        and running.interface.private_key == path
+        and os.path.exists(path)
+        and not os.access(path, os.R_OK)
+    ):
+        return running.identity
     try:
         return load_identity(path)
     except (SecureioError, OSError, ValueError) as exc:
@@ -909,57 +928,6 @@ def _resolve_public_key(text: str, base: Path) -> PublicKey:
     return load_public_key(_resolve_path(text.strip(), base))
 
 
-def _read_psk(path: Path) -> bytes:
-    """Read a PSK file under the same rules as a private key: it is a secret, so a file
-    that others can read or write is refused rather than used."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise ValueError(
-            f"{path}: pre-shared key file does not exist (both peers need the same file)"
-        ) from None
-    except PermissionError:
-        raise ValueError(
-            f"{path}: cannot read the pre-shared key: permission denied (run as its owner)"
-        ) from None
-    except (OSError, ValueError) as exc:
-        why = getattr(exc, "strerror", None) or exc
-        raise ValueError(f"{path}: cannot open the pre-shared key: {why}") from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise ValueError(f"{path}: pre-shared key file is a directory")
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{path}: pre-shared key file is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        if mode & 0o077:
-            raise ValueError(
-                f"{path}: pre-shared key is accessible by others (mode {mode:04o}); "
-                f"fix with: chmod 600 {path}"
-            )
-        chunks: list[bytes] = []
-        size = 0
-        while size <= _MAX_PSK_SIZE and (chunk := os.read(fd, 65536)):
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read the pre-shared key: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if size > _MAX_PSK_SIZE:
-        raise ValueError(
-            f"{path}: file is too large to be a pre-shared key (over {_MAX_PSK_SIZE} bytes)"
-        )
-    data = b"".join(chunks)
-    data = data.removesuffix(b"\n")
-    if not data:
-        raise ValueError(
-            f"{path}: pre-shared key file is empty; create one with: "
-            f"(umask 077; head -c 32 /dev/urandom | base64 > {path})"
-        )
-    return data
-
-
 def _resolve_peer(
     index: int, schema: PeerSchema, base: Path, problems: list[_Problem]
 ) -> PeerConfig | None:
@@ -975,8 +943,8 @@ def _resolve_peer(
     if schema.psk_file is not None:
         psk_file = _resolve_path(schema.psk_file, base)
         try:
-            psk = _read_psk(psk_file)
-        except ValueError as exc:
+            psk = read_psk_file(psk_file)
+        except SecretFileError as exc:
             problems.append(_Problem(("peer", index, "psk_file"), str(exc)))
             ok = False
         else:

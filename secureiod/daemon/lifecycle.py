@@ -135,7 +135,7 @@ class Lifecycle:
         self.peers.pop(peer.name, None)
         self.demux.remove(peer)
         self.router.remove_value(peer)
-        self.routes.remove_peer(peer)
+        self.routes.remove_peer(peer, self.peers.values())
         if peer.session is not None:
             peer.session.close(now, reason)
         peer.session = None

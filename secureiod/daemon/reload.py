@@ -9,15 +9,23 @@ stays: SIGHUP and ``secureioctl reload`` behave the same.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..config import Config, diff_config, restart_required
+from ..config import Config, ConfigError, diff_config, restart_required
 from ..control import ControlError
 from .lifecycle import Lifecycle
+from .ports import NotifierPort
 from .routes import Routes
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("secureiod")
+
+ConfigLoader = Callable[[Path, Config], Config]
+"""(path, running config) -> new config; the running one lets the loader reuse what did
+not change (the private key, which the dropped user may no longer read)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,3 +97,58 @@ def apply_config(lifecycle: Lifecycle, routes: Routes, new: Config, now: float) 
         changed=tuple(sorted(diff.changed)),
         unchanged=tuple(sorted(diff.unchanged)),
     )
+
+
+class Reloader:
+    """``secureioctl reload`` and SIGHUP: re-read the config file, apply the difference."""
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        routes: Routes,
+        loader: ConfigLoader | None,
+        notifier: NotifierPort | None,
+        on_done: Callable[[], None],
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.routes = routes
+        self.loader = loader
+        self.notifier = notifier
+        self.on_done = on_done
+        self.reloads = 0
+        self.refused = 0
+
+    def reload(self, now: float) -> ReloadResult:
+        """A config that cannot be loaded or applied is refused with one error line and
+        ``ControlError``; the running one stays."""
+        config = self.lifecycle.config
+        if self.loader is None:
+            raise ControlError("reload: the daemon was started without a config file")
+        if self.notifier is not None:
+            self.notifier.reloading()
+        try:
+            try:
+                result = apply_config(
+                    self.lifecycle, self.routes, self.loader(config.path, config), now
+                )
+            except ConfigError as exc:
+                raise self._refused(f"reload refused, keeping the running config: {exc}") from None
+            except ControlError as exc:
+                raise self._refused(str(exc)) from None
+        finally:
+            if self.notifier is not None:
+                self.notifier.ready()
+            self.on_done()
+        self.reloads += 1
+        logger.info("reloaded: %s", result.summary())
+        return result
+
+    def reload_logged(self, now: float) -> None:
+        """SIGHUP: a refusal is already logged, and never stops the tunnel."""
+        with contextlib.suppress(ControlError):
+            self.reload(now)
+
+    def _refused(self, message: str) -> ControlError:
+        self.refused += 1
+        logger.error("%s", message)
+        return ControlError(message)

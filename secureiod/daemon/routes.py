@@ -85,7 +85,14 @@ class Routes:
         for net in peer.config.allowed_ips:
             self.netlink.replace_route(net, self.ifname)
 
-    def remove_peer(self, peer: Peer) -> None:
+    def remove_peer(self, peer: Peer, remaining: Iterable[Peer] = ()) -> None:
+        """Its routes go; with ``mtu = "auto"`` the link MTU follows the ``remaining``."""
+        self._remove_routes(peer)
+        if self.interface.mtu is None and peer.route_mtu is not None:
+            peer.route_mtu = None
+            self._follow_link_mtu(remaining)
+
+    def _remove_routes(self, peer: Peer) -> None:
         for net in peer.config.allowed_ips:
             try:
                 self.netlink.delete_route(net, self.ifname)
@@ -144,7 +151,7 @@ class Routes:
         """On stop, for a TUN device we did not create: give back what we added to it (a
         device we created goes away with its file descriptor, routes and all)."""
         for peer in peers:
-            self.remove_peer(peer)
+            self._remove_routes(peer)
         for address in self._addresses:
             try:
                 self.netlink.delete_address(self.ifname, address)

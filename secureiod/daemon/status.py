@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..endpoint import format_endpoint
 from ..secureio.events import SessionState
 from .peer import Peer
 
-
-@dataclass(slots=True)
-class DeviceStats:
-    reloads: int = 0
-    reloads_refused: int = 0
+if TYPE_CHECKING:
+    from .device import Device
 
 
 def status_line(peers: Iterable[Peer]) -> str:
@@ -26,7 +22,7 @@ def status_line(peers: Iterable[Peer]) -> str:
     return f"{up}/{total} peers established"
 
 
-def device_status(device: Any, now: float) -> dict[str, Any]:
+def device_status(device: Device, now: float) -> dict[str, Any]:
     """The ``status`` answer: the interface and device-wide counters (JSON-able)."""
     config = device.lifecycle.config
     iface = config.interface
@@ -49,8 +45,8 @@ def device_status(device: Any, now: float) -> dict[str, Any]:
         "identify_rate_limited": demux.rate_limited,
         "roamed": sum(p.counters.roams for p in peers),
         "tun_write_errors": device.receive.tun_write_errors,
-        "reloads": device.stats.reloads,
-        "reloads_refused": device.stats.reloads_refused,
+        "reloads": device.reloader.reloads,
+        "reloads_refused": device.reloader.refused,
         "udp": {
             "rx_datagrams": udp.stats.rx_datagrams,
             "tx_datagrams": udp.stats.tx_datagrams,

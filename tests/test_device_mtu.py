@@ -1,0 +1,101 @@
+"""MTU on whole devices: the underlay path decides the payload size each session
+negotiates, which becomes the peer's route MTU and (with ``mtu = "auto"``) the link MTU,
+as the daemon tells the kernel through netlink (``secureiod.daemon.routes``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from fakes import Sim, Tunnel, hub_and_spokes, two_sites, udp4
+
+from secureiod.daemon.routes import payload_limit_for_mtu
+from secureiod.secureio.constants import PACKET_OVERHEAD
+
+NET = ipaddress.ip_network
+A_IP, B_IP = "198.18.0.1", "198.18.0.2"
+V4_B, V6_B = NET("198.19.0.2/32"), NET("fd00:5ec::2/128")
+
+
+def test_a_1500_byte_path_gives_1408(tmp_path: Path) -> None:
+    tunnel = Tunnel(two_sites(tmp_path))
+    tunnel.wait_established(timeout=5)
+    netlink = tunnel.nodes["a"].netlink
+    assert tunnel.peer("a", "b").session.payload_size == 1408  # type: ignore[union-attr]
+    assert netlink.routes[V4_B] == ("sio0", 1408)
+    assert netlink.routes[V6_B] == ("sio0", 1408)
+    assert netlink.mtu["sio0"] == 1408
+    assert tunnel.devices["a"].routes.link_mtu == 1408
+    assert tunnel.peer("a", "b").describe(tunnel.sim.now)["mtu"] == 1408
+
+
+def test_a_smaller_known_path_mtu_is_used_from_the_start(tmp_path: Path) -> None:
+    """The kernel knows the path MTU toward b (1400): the session starts from it and the
+    tunnel's routes and link follow."""
+    sim = Sim()
+    sim.wire.link(A_IP, B_IP, mtu=1400)
+    tunnel = Tunnel(two_sites(tmp_path), sim=sim)
+    tunnel.wait_established(timeout=5)
+    size = payload_limit_for_mtu(1400, ipv6=False)
+    assert size == 1312
+    netlink = tunnel.nodes["a"].netlink
+    assert tunnel.peer("a", "b").session.payload_size == size  # type: ignore[union-attr]
+    assert netlink.routes[V4_B] == ("sio0", size)
+    assert netlink.mtu["sio0"] == size
+    assert sim.wire.stats.too_big == 0  # nothing was ever too big
+    big = udp4("198.19.0.1", "198.19.0.2", bytes(size - 28))  # fills the route MTU
+    tunnel.nodes["a"].tun.inject(big)
+    tunnel.sim.run_for(0.1)
+    assert tunnel.delivered("b") == [big]
+
+
+def test_a_black_hole_is_found_by_negotiation(tmp_path: Path) -> None:
+    """The path drops datagrams over 1300 bytes without telling anyone (the kernel still
+    says 1500): the size negotiation finds what gets through, and the routes say so."""
+    sim = Sim()
+    sim.wire.link(A_IP, B_IP, mtu=1300, black_hole=True)
+    tunnel = Tunnel(two_sites(tmp_path), sim=sim)
+    tunnel.wait_established(timeout=30)
+    size = tunnel.peer("a", "b").session.payload_size  # type: ignore[union-attr]
+    assert size is not None
+    assert 1300 - 28 - 64 <= size + PACKET_OVERHEAD <= 1300 - 28
+    netlink = tunnel.nodes["a"].netlink
+    assert netlink.routes[V4_B] == ("sio0", size)
+    assert netlink.routes[V6_B] == ("sio0", 1280)  # IPv6 needs at least 1280 (fragments)
+    assert netlink.mtu["sio0"] == 1280
+    assert sim.wire.stats.black_holed > 0
+    for n in (100, size - 28):
+        packet = udp4("198.19.0.1", "198.19.0.2", bytes(n))
+        tunnel.nodes["a"].tun.inject(packet)
+        tunnel.sim.run_for(0.1)
+        assert tunnel.delivered("b") == [packet]
+
+
+def test_each_peer_gets_its_own_route_mtu_and_the_link_follows_the_largest(
+    tmp_path: Path,
+) -> None:
+    sim = Sim()
+    sim.wire.link("198.18.0.1", "198.18.0.2", mtu=1400)
+    sim.wire.link("198.18.0.1", "198.18.0.3", mtu=1500)
+    sim.wire.link("198.18.0.1", "198.18.0.4", mtu=1350)
+    tunnel = Tunnel(hub_and_spokes(tmp_path, hub_knows_spokes=True), sim=sim)
+    tunnel.wait_established(timeout=5)
+    routes = tunnel.nodes["hub"].netlink.routes
+    sizes = {n: payload_limit_for_mtu(m, ipv6=False) for n, m in ((2, 1400), (3, 1500), (4, 1350))}
+    for n, size in sizes.items():
+        assert routes[NET(f"198.19.0.{n}/32")] == ("sio0", size)
+    assert tunnel.nodes["hub"].netlink.mtu["sio0"] == max(sizes.values()) == 1408
+    # a spoke's one route (the whole tunnel network) has its own path's size
+    assert tunnel.nodes["s3"].netlink.routes[NET("198.19.0.0/24")] == ("sio0", sizes[4])
+
+
+def test_a_fixed_mtu_caps_routes_and_is_left_alone(tmp_path: Path) -> None:
+    builder = two_sites(tmp_path)
+    builder.nodes["a"].interface["mtu"] = 1300
+    tunnel = Tunnel(builder)
+    tunnel.wait_established(timeout=5)
+    netlink = tunnel.nodes["a"].netlink
+    assert netlink.mtu_history == [("sio0", 1300)]
+    assert netlink.routes[V4_B] == ("sio0", 1300)
+    assert tunnel.nodes["b"].netlink.routes[NET("198.19.0.1/32")] == ("sio0", 1408)
