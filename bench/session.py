@@ -83,15 +83,18 @@ async def _run_style(size: int, style: str, seconds: float) -> dict[str, Any]:
 def _sansio(size: int, seconds: float) -> dict[str, Any]:
     alice, bob = Identity.generate(), Identity.generate()
     opt = SessionOptions(send_delay=0)
-    a = Session(alice, bob.public_key, created_at_ns=time.time_ns(), options=opt)
-    b = Session(bob, alice.public_key, created_at_ns=time.time_ns() + 1, options=opt)
+    addr_a, addr_b = ("198.18.0.1", 5800), ("198.18.0.2", 5800)
+    a = Session(alice, bob.public_key, created_at_ns=time.time_ns(), options=opt, endpoint=addr_b)
+    b = Session(
+        bob, alice.public_key, created_at_ns=time.time_ns() + 1, options=opt, endpoint=addr_a
+    )
     now = 0.0
     a.start(now)
     b.start(now)
     for _ in range(50):  # handshake + negotiation in memory
-        for src, dst in ((a, b), (b, a)):
-            for d in src.datagrams_to_send():
-                dst.receive_datagram(d, now)
+        for src, dst, src_addr in ((a, b, addr_a), (b, a, addr_b)):
+            for d, _ in src.datagrams_to_send(now):
+                dst.receive_datagram(d, src_addr, now)
         now += 0.01
         a.handle_timer(now)
         b.handle_timer(now)
@@ -104,8 +107,8 @@ def _sansio(size: int, seconds: float) -> dict[str, Any]:
     while time.perf_counter() < deadline:
         for _ in range(256):
             a.write_message(RW, payload, now)
-        for d in a.datagrams_to_send():
-            b.receive_datagram(d, now)
+        for d, _ in a.datagrams_to_send(now):
+            b.receive_datagram(d, ("198.18.0.1", 5800), now)
         while b.next_event() is not None:
             n += 1
     elapsed = time.perf_counter() - start

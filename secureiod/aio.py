@@ -21,8 +21,9 @@ Where this differs from the Go reference on purpose:
 
 * a full ``read()`` queue drops the message (counted in ``driver_stats``) instead of
   blocking the reader, which in Go also stalls key exchange (§5.4, §13 item 17);
-* the peer's address is learned and followed (roaming) only from datagrams the session
-  authenticated, so a forged datagram cannot redirect our replies.
+* the peer's address is learned and followed (roaming) by the session itself, from
+  datagrams that prove they are fresh and authentic (``Session.receive_datagram`` takes
+  the source address), so neither a forged nor a replayed datagram redirects our replies.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
+from .endpoint import Address, format_endpoint, parse_endpoint
 from .secureio.errors import PayloadTooBigError
 from .secureio.events import (
     Closed,
     KeyRotated,
     MessageReceived,
+    PathChanged,
     PayloadSizeNegotiated,
     PeerRestarted,
     SessionState,
@@ -58,7 +61,7 @@ from .secureio.session import (
     SessionStats,
 )
 from .secureio.wire import MessageType
-from .udp import Address, SendResult, UdpSocket, UdpStats, format_endpoint, parse_endpoint
+from .udp import SendResult, UdpSocket, UdpStats
 
 __all__ = [
     "DriverStats",
@@ -84,9 +87,6 @@ _TRANSMIT_ROUNDS: Final = 8
 """``report_too_big`` can make the session produce smaller probes at once; bound the
 resulting send loop so a kernel that refuses everything cannot spin us."""
 
-_HELD_DATAGRAMS: Final = 4
-"""Datagrams a listener keeps until it learns where its peer is (see ``_hold``)."""
-
 Handler = Callable[[bytes], object]
 """Called with each payload of its message type; may return an awaitable, which is run as a
 task. Exceptions are logged and counted, the session carries on (as the reference)."""
@@ -105,10 +105,10 @@ class DriverStats:
     """Messages of a type with no handler (dropped silently, as the reference does)."""
     handler_errors: int = 0
     unaddressed_drops: int = 0
-    """Datagrams dropped because a listener did not yet know where its peer is (it keeps
-    only the newest few)."""
+    """Datagrams the session still produced after the socket was closed. (What a listener
+    produces before it knows where its peer is, the session counts as ``no-endpoint``.)"""
     address_changes: int = 0
-    """Times the peer's address was (re)learned from an authenticated datagram."""
+    """Times the session adopted a new peer address (its ``PathChanged`` events)."""
 
 
 class SendInfo:
@@ -168,7 +168,8 @@ class SecureSession:
         self._loop = asyncio.get_running_loop()
         self._session = session
         self._udp = transport
-        self._remote = remote_address
+        if remote_address is not None:
+            session.set_endpoint(remote_address)
         self._handlers: dict[int, Handler] = {}
         self._handler_tasks: set[asyncio.Task[object]] = set()
         self._failed_handler_types: set[int] = set()
@@ -182,7 +183,6 @@ class SecureSession:
         """Messages accepted by the session so far; message n (1-based, counting from the
         stats baseline) is on the wire once ``stats.tx_messages >= n`` after a flush."""
         self._pending: deque[tuple[int, SendInfo]] = deque()
-        self._held: deque[bytes] = deque(maxlen=_HELD_DATAGRAMS)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
         self._flush_handle: asyncio.Handle | None = None
@@ -220,9 +220,10 @@ class SecureSession:
 
     @property
     def remote_address(self) -> Address | None:
-        """Where datagrams go: the latest authenticated source (``None`` for a listener
-        that has not heard from its peer yet)."""
-        return self._remote
+        """Where datagrams go: the session's endpoint, i.e. the address given to ``connect``
+        or the latest one the session validated (``None`` for a listener that has not heard
+        from its peer yet)."""
+        return self._session.endpoint
 
     @property
     def local_address(self) -> Address:
@@ -360,7 +361,8 @@ class SecureSession:
                 return
 
     def __repr__(self) -> str:
-        remote = format_endpoint(self._remote) if self._remote else "?"
+        endpoint = self._session.endpoint
+        remote = format_endpoint(endpoint) if endpoint else "?"
         return f"SecureSession({self._label} <-> {remote}, {self.state.name})"
 
     # -- driver -----------------------------------------------------------------------
@@ -386,38 +388,10 @@ class SecureSession:
         if not batch:
             return
         now = self._loop.time()
-        session = self._session
-        stats = session.stats
+        receive = self._session.receive_datagram
         for data, addr in batch:
-            last = session.last_received
-            rx = stats.rx_packets
-            # Several datagrams of one batch share ``now``; once one of them authenticated,
-            # ``last_received`` no longer changes, so fall back to "passed the MAC and was
-            # not rejected inside" (clear key-exchange packets count as received before
-            # their signature is checked).
-            same_tick = last == now
-            drops = sum(stats.drops.values()) if same_tick else 0
-            session.receive_datagram(data, now)
-            if addr != self._remote and (
-                session.last_received != last
-                or (same_tick and stats.rx_packets != rx and sum(stats.drops.values()) == drops)
-            ):
-                self._set_remote(addr)
+            receive(data, addr, now)
         self._after_input(now)
-
-    def _set_remote(self, addr: Address) -> None:
-        old = self._remote
-        self._remote = addr
-        self.driver_stats.address_changes += 1
-        if old is None:
-            logger.info("%s: peer is at %s", self._label, format_endpoint(addr))
-        else:
-            logger.info(
-                "%s: peer moved from %s to %s",
-                self._label,
-                format_endpoint(old),
-                format_endpoint(addr),
-            )
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -447,34 +421,17 @@ class SecureSession:
         session = self._session
         udp = self._udp
         for _ in range(_TRANSMIT_ROUNDS):
-            out = session.datagrams_to_send()
-            addr = self._remote
-            if addr is None or self._closed:
-                self._hold(out)
-                return
-            if self._held:
-                out = [*self._held, *out]
-                self._held.clear()
+            out = session.datagrams_to_send(now)
             if not out:
                 return
-            for datagram in out:
+            if self._closed:
+                self.driver_stats.unaddressed_drops += len(out)
+                return
+            for datagram, addr in out:
                 if udp.send(datagram, addr) is SendResult.TOO_BIG:
                     session.report_too_big(len(datagram), now)
         if self._flush_handle is None and not self._closed:
             self._flush_handle = self._loop.call_soon(self._on_flush)
-
-    def _hold(self, out: list[bytes]) -> None:
-        """Keep the newest few datagrams a listener produced before it knew its peer's
-        address: they are its key-exchange requests, and sending one as soon as the peer
-        shows up saves the peer a retry interval (1 s) of waiting for it."""
-        if self._closed:
-            self.driver_stats.unaddressed_drops += len(out)
-            return
-        held = self._held
-        for datagram in out:
-            if len(held) == held.maxlen:
-                self.driver_stats.unaddressed_drops += 1
-            held.append(datagram)
 
     def _resolve_sent(self) -> None:
         # Called right after a flush, so nothing counted in tx_messages is still batched.
@@ -517,6 +474,17 @@ class SecureSession:
                 logger.debug(
                     "%s: %s key rotated", self._peer_label(), "local" if event.local else "remote"
                 )
+            elif isinstance(event, PathChanged):
+                self.driver_stats.address_changes += 1
+                if event.old is None:
+                    logger.info("%s: peer is at %s", self._label, format_endpoint(event.new))
+                else:
+                    logger.info(
+                        "%s: peer moved from %s to %s",
+                        self._label,
+                        format_endpoint(event.old),
+                        format_endpoint(event.new),
+                    )
             elif isinstance(event, PeerRestarted):
                 logger.info("%s: peer restarted (new remote session)", self._peer_label())
             elif isinstance(event, Closed):
@@ -584,7 +552,8 @@ class SecureSession:
         logger.info("%s: session closed: %s", self._peer_label(), reason)
 
     def _peer_label(self) -> str:
-        remote = format_endpoint(self._remote) if self._remote else "(peer address unknown)"
+        endpoint = self._session.endpoint
+        remote = format_endpoint(endpoint) if endpoint else "(peer address unknown)"
         return f"{self._label} <-> {remote}"
 
 
@@ -635,8 +604,9 @@ async def listen(
     read_queue_size: int = READ_QUEUE_SIZE,
 ) -> SecureSession:
     """Start a session that waits for its peer on ``address`` (port 0 picks a free port;
-    see ``local_address``). One socket, one peer: the peer's address is learned from its
-    first authenticated datagram and follows it afterwards (roaming)."""
+    see ``local_address``). One socket, one peer: the session learns the peer's address
+    from its first signed key exchange and follows it afterwards (roaming), by the rules of
+    ``Session.receive_datagram``."""
     loop = asyncio.get_running_loop()
     host, port = _split(address, "address")
     family, local = await _resolve(loop, host, port, socket.AF_UNSPEC, passive=True)
@@ -656,9 +626,13 @@ def _make(
         local_identity = _identity(identity)
         peer = _remote_identity(remote_identity)
         session = Session(
-            local_identity, peer, created_at_ns=time.time_ns(), options=options or SessionOptions()
+            local_identity,
+            peer,
+            created_at_ns=time.time_ns(),
+            options=options or SessionOptions(),
+            endpoint=remote,
         )
-        secure = SecureSession(session, udp, remote, read_queue_size=read_queue_size)
+        secure = SecureSession(session, udp, None, read_queue_size=read_queue_size)
         secure._start()
     except BaseException:
         udp.close()

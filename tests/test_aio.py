@@ -27,12 +27,13 @@ from secureiod.aio import (
     connect,
     listen,
 )
+from secureiod.endpoint import format_endpoint, parse_endpoint
 from secureiod.secureio import MessageType, PacketKey, seal
 from secureiod.secureio.constants import KX_PAYLOAD_SIZE
 from secureiod.secureio.identity import Identity
 from secureiod.secureio.session import SessionOptions
 from secureiod.secureio.wire import encode_message
-from secureiod.udp import SendResult, UdpSocket, format_endpoint, parse_endpoint
+from secureiod.udp import SendResult, UdpSocket
 
 RW = MessageType.READ_WRITE
 ALICE = Identity.from_seed(bytes(range(32)))
@@ -397,6 +398,54 @@ async def test_roaming_follows_the_latest_authenticated_address() -> None:
         front.close()
         for up in relay.upstreams:
             up.close()
+
+
+@async_test
+async def test_replayed_key_exchange_from_another_address_does_not_divert() -> None:
+    """Issue 10 row 1 against the asyncio driver: Eve saw Alice's signed key exchange (here:
+    through the relay) and replays it to Bob from her own socket. It verifies, but changes
+    nothing, so Bob keeps sending to Alice."""
+    loop = asyncio.get_running_loop()
+    bob = await listen(BOB, ALICE.public_key, "127.0.0.1:0")
+    relay = _Relay(("127.0.0.1", bob.local_address[1]))
+    seen: list[bytes] = []
+    forward = relay.datagram_received
+
+    def record(data: bytes, addr: tuple[str, int]) -> None:
+        seen.append(data)
+        forward(data, addr)
+
+    relay.datagram_received = record  # type: ignore[method-assign]
+    front, _ = await loop.create_datagram_endpoint(lambda: relay, local_addr=("127.0.0.1", 0))
+    relay.front = front  # type: ignore[assignment]
+    up, _ = await loop.create_datagram_endpoint(
+        lambda: _Upstream(relay), local_addr=("127.0.0.1", 0)
+    )
+    relay.upstreams.append(up)  # type: ignore[arg-type]
+    alice = await connect(ALICE, BOB.public_key, front.get_extra_info("sockname"))
+    try:
+        await alice.wait_established(STEP)
+        await bob.wait_established(STEP)
+        alice_at = up.get_extra_info("sockname")
+        assert bob.remote_address == alice_at
+        captured = [d for d in seen if len(d) == 199]
+        assert captured
+        verified = bob.stats.rx_packets
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as eve:
+            eve.bind(("127.0.0.1", 0))
+            for i in range(20):
+                eve.sendto(captured[-1], ("127.0.0.1", bob.local_address[1]))
+                bob.write(b"to alice %d" % i)
+                await asyncio.sleep(0.02)
+            assert bob.remote_address == alice_at
+            assert await read_n(alice, 20) == [b"to alice %d" % i for i in range(20)]
+        assert bob.stats.rx_packets - verified >= 10  # the replays did verify
+        assert bob.driver_stats.address_changes == 1  # the first contact only
+    finally:
+        await alice.close()
+        await bob.close()
+        front.close()
+        up.close()
 
 
 @async_test

@@ -184,11 +184,16 @@ def test_hex_carries_binary_that_contains_newlines(keys: Keys) -> None:
     assert result.stdout == stdin
 
 
+def write_secret(path: Path, data: bytes, mode: int = 0o600) -> Path:
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
 def test_psk(keys: Keys, tmp_path: Path) -> None:
-    psk = tmp_path / "psk"
-    psk.write_bytes(b"shared secret\n")
-    same_without_newline = tmp_path / "psk2"
-    same_without_newline.write_bytes(b"shared secret")  # one trailing newline is not part of it
+    psk = write_secret(tmp_path / "psk", b"shared secret\n")
+    # One trailing newline is not part of the key.
+    same_without_newline = write_secret(tmp_path / "psk2", b"shared secret")
     port = free_udp_port()
     with echo_listener(keys, port, "--psk-file", str(psk)):
         result = run_client(
@@ -207,8 +212,8 @@ def test_psk(keys: Keys, tmp_path: Path) -> None:
 
 
 def test_wrong_psk_times_out_with_one_clear_line(keys: Keys, tmp_path: Path) -> None:
-    (tmp_path / "a").write_bytes(b"one secret")
-    (tmp_path / "b").write_bytes(b"another secret")
+    write_secret(tmp_path / "a", b"one secret")
+    write_secret(tmp_path / "b", b"another secret")
     port = free_udp_port()
     with echo_listener(keys, port, "--psk-file", str(tmp_path / "a")):
         result = run_client(
@@ -275,6 +280,54 @@ def test_bad_input_is_one_line_and_exit_2(keys: Keys, override: list[str], menti
     assert mention in err
     assert "Traceback" not in err
     assert result.stdout == b""
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "mention"),
+    [
+        (b"\n", 0o600, "pre-shared key file is empty"),
+        (b"", 0o600, "pre-shared key file is empty"),
+        (b"shared secret", 0o644, "chmod 600"),
+        (b"shared secret", 0o640, "chmod 600"),
+        (b"x" * (64 * 1024 + 1), 0o600, "too large"),
+    ],
+)
+def test_psk_file_policy_is_the_configs(
+    keys: Keys, tmp_path: Path, content: bytes, mode: int, mention: str
+) -> None:
+    """The config refuses an empty or group/world-readable PSK file: ``cat`` does too, with
+    the same one-line message (a key that works here works in a daemon config)."""
+    psk = write_secret(tmp_path / "psk", content, mode)
+    result = subprocess.run(
+        [*CAT, "--identity", str(keys.alice), "--peer", keys.pub(keys.bob),
+         "--connect", "127.0.0.1:9", "--psk-file", str(psk)],
+        capture_output=True, timeout=30, env=ENV, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"--psk-file: {psk}: " in err and mention in err
+
+
+def test_psk_reader_checks_what_it_opened(tmp_path: Path) -> None:
+    """The checks run on the opened descriptor: a FIFO is refused without blocking, and a
+    symlink is judged by the file it leads to (a 0600 key behind a link is fine)."""
+    from secureiod.secretfile import SecretFileError, read_psk_file
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(SecretFileError, match="not a regular file"):
+        read_psk_file(fifo)
+    target = write_secret(tmp_path / "real", b"linked secret\n")
+    (tmp_path / "link").symlink_to(target)
+    assert read_psk_file(tmp_path / "link") == b"linked secret"
+    target.chmod(0o604)
+    with pytest.raises(SecretFileError, match="chmod 600"):
+        read_psk_file(tmp_path / "link")
+    with pytest.raises(SecretFileError, match="is a directory"):
+        read_psk_file(tmp_path)
+    with pytest.raises(SecretFileError, match="does not exist"):
+        read_psk_file(tmp_path / "missing")
 
 
 def test_unusable_identity_path_is_one_line(keys: Keys, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 100 000 random and mutated datagrams go through every parser a network input reaches:
 the packet opener (with session, aux and clear keys), message splitting, and the
 key-exchange, negotiation and fragment decoders. Anything but ``SecureioError`` — an
-IndexError, struct.error, ValueError, OverflowError — fails the test.
+IndexError, struct.error, ValueError, OverflowError — fails the test. Then the same kind
+of input through the demultiplexer and live sessions, where it must also move nothing.
 """
 
 from __future__ import annotations
@@ -88,3 +89,54 @@ def test_forged_clear_packets_with_wild_lengths() -> None:
         opened = open_packet(data, [clear])
         assert opened.messages == body
         _parse_all(opened.messages)
+
+
+def test_fuzz_through_the_demultiplexer_moves_nothing() -> None:
+    """Mutated and replayed copies of a live peer's datagrams, from random addresses, into a
+    demultiplexer of established sessions: nothing raises, no endpoint moves, the address
+    map stays as it was, and the real traffic still gets through afterwards."""
+    from wire_double import ADDR_A, Link
+
+    from secureiod.secureio import MessageType
+    from secureiod.secureio.demux import Demultiplexer
+    from secureiod.secureio.events import PathChanged
+    from secureiod.secureio.identity import Identity
+    from secureiod.secureio.session import Session, SessionOptions
+
+    id_a, id_b = Identity.from_seed(b"\x0a" * 32), Identity.from_seed(b"\x0b" * 32)
+    opt = SessionOptions(send_delay=0)
+    a = Session(id_a, id_b.public_key, created_at_ns=1, options=opt)
+    b = Session(id_b, id_a.public_key, created_at_ns=2, options=opt)
+    link = Link(a, b)
+    link.start()
+    link.run_until(lambda: a.is_established and b.is_established)
+    for i in range(30):
+        a.write_message(MessageType.READ_WRITE, b"m%d" % i, link.now)
+        link.pump()
+        link.run(0.01)
+    demux: Demultiplexer[str] = Demultiplexer()
+    demux.add("a", b)
+    for n in range(3):  # idle peers that trial decryption also asks
+        other = Identity.from_seed(bytes([0x20 + n]) * 32)
+        demux.add(f"idle{n}", Session(id_b, other.public_key, created_at_ns=3 + n, options=opt))
+    rng = random.Random(0xDE)
+    seeds = link.a.sent
+    now = link.now
+    for i in range(20_000):
+        base = rng.choice(seeds)
+        data = base if i % 5 == 0 else _mutate(rng, base)
+        src = (f"203.0.113.{rng.randrange(256)}", rng.randrange(1, 65536))
+        demux.receive_datagram(data, src if i % 3 else ADDR_A, now + i * 1e-4)
+    link.now = now + 2.0  # the two seconds of virtual time the flood took
+    assert b.endpoint == ADDR_A and demux.owner_at(ADDR_A) == "a"
+    assert all(demux.session(f"idle{n}").endpoint is None for n in range(3))
+    assert b.is_established
+    pending = []
+    while (event := b.next_event()) is not None:
+        pending.append(event)
+    assert not any(isinstance(e, PathChanged) for e in pending)
+    assert demux.stats.unknown_source > 0 and demux.stats.rate_limited > 0
+    a.write_message(MessageType.READ_WRITE, b"after", link.now)
+    link.pump()
+    link.run(0.1)
+    assert link.b.messages(MessageType.READ_WRITE)[-1:] == [b"after"]

@@ -17,6 +17,7 @@ from secureiod.secureio.identity import Identity
 from secureiod.secureio.keyexchange import KeyExchangeOptions
 from secureiod.secureio.kx_message import AnswersMode
 from secureiod.secureio.negotiation import NegotiationOptions
+from secureiod.secureio.path import Address
 from secureiod.secureio.session import (
     PayloadTooBigError,
     Session,
@@ -96,7 +97,7 @@ def test_aggregation_packs_small_messages_and_flush_sends_at_once() -> None:
     sent_before = len(link.a.sent)
     for i in range(20):
         a.write_message(RW, bytes([i]) * 40, link.now)
-    assert a.datagrams_to_send() == []  # held for aggregation
+    assert a.datagrams_to_send(link.now) == []  # held for aggregation
     a.flush(link.now)
     link.pump()
     batch = link.a.sent[sent_before:]
@@ -176,13 +177,13 @@ def test_emsgsize_on_probe_shrinks_instead_of_closing() -> None:
     # Emulate the I/O layer: datagrams above 1200 bytes fail with EMSGSIZE.
     original = a.datagrams_to_send
 
-    def sender() -> list[bytes]:
+    def sender(now: float) -> list[tuple[bytes, Address]]:
         out = []
-        for d in original():
+        for d, addr in original(now):
             if len(d) > 1200:
-                a.report_too_big(len(d), link.now)
+                a.report_too_big(len(d), now)
             else:
-                out.append(d)
+                out.append((d, addr))
         return out
 
     a.datagrams_to_send = sender  # type: ignore[method-assign]
@@ -386,6 +387,7 @@ def test_peer_restart_is_detected_and_resumes() -> None:
         ID_A.public_key,
         created_at_ns=old_b.session_id.created_at + 10**9,
         random=random.Random(9).randbytes,
+        endpoint=old_b.endpoint,
     )
     link.b.session = new_b
     link.rules[id(new_b)] = link.rules[id(old_b)]

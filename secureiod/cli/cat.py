@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import BinaryIO, Final
 
 from ..aio import SecureSession, SendInfo, connect, listen
+from ..endpoint import format_endpoint, parse_endpoint
+from ..secretfile import SecretFileError, read_psk_file
 from ..secureio.constants import DEFAULT_PAYLOAD_SIZE_LIMIT
 from ..secureio.errors import IdentityError, PayloadTooBigError, SecureioError
 from ..secureio.identity import Identity, PublicKey, load_or_create_identity, resolve_public_key
@@ -38,7 +40,6 @@ from ..secureio.keyexchange import KeyExchangeOptions
 from ..secureio.negotiation import MIN_PROBE_SIZE, NegotiationOptions
 from ..secureio.session import QueueFullError, SessionOptions
 from ..secureio.wire import MessageType
-from ..udp import format_endpoint, parse_endpoint
 from . import EXIT_FAILURE, EXIT_OK, CliError, add_logging_arguments, setup_logging
 
 NAME: Final = "cat"
@@ -111,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--psk-file",
         metavar="FILE",
         help="pre-shared key: the file's bytes, one trailing newline removed; both sides "
-        "need the same",
+        "need the same; the file must not be readable by others (chmod 600)",
     )
     parser.add_argument(
         "--channel",
@@ -218,24 +219,11 @@ def _payload_limit(text: str) -> int:
 
 
 def _read_psk(path: str) -> bytes:
+    """The daemon's PSK policy (``secretfile``): a key ``cat`` accepts works in a config."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(1 << 20)
-    except FileNotFoundError:
-        raise CliError(
-            f"--psk-file {path}: no such file (both peers need a file with the same key)"
-        ) from None
-    except IsADirectoryError:
-        raise CliError(f"--psk-file {path}: is a directory; give the key file") from None
-    except PermissionError:
-        raise CliError(f"--psk-file {path}: permission denied (run as the file's owner)") from None
-    except OSError as exc:
-        raise CliError(f"--psk-file {path}: cannot read: {exc.strerror or exc}") from None
-    if data.endswith(b"\n"):
-        data = data[:-1]
-    if not data:
-        logger.warning("--psk-file %s is empty: an empty PSK is a PSK anyone knows", path)
-    return data
+        return read_psk_file(path)
+    except SecretFileError as exc:
+        raise CliError(f"--psk-file: {exc}") from None
 
 
 def build_config(args: argparse.Namespace) -> CatConfig:

@@ -5,6 +5,7 @@ starts a thread or reads a clock, so the protocol can be tested without a networ
 lifted out as a library. Wire-compatible with xaionaro-go/secureio (HEAD e0fcfed).
 """
 
+from .demux import Demultiplexer, DemuxStats
 from .errors import (
     AuthenticationError,
     IdentityError,
@@ -13,6 +14,7 @@ from .errors import (
     PayloadTooBigError,
     SecureioError,
 )
+from .events import PathChanged
 from .fragment import FragmentHeader
 from .keys import PskKeys, derive_cipher_key
 from .kx_message import AnswersMode, KeyExchangeMessage
@@ -24,12 +26,16 @@ from .negotiation_message import (
     pong_for,
 )
 from .packet import OpenedPacket, PacketClass, PacketKey, open_packet, seal
+from .path import Address, path_key, same_path
 from .replay import ReplayWindow
 from .wire import Message, MessageType, SessionID, encode_message, iter_messages
 
 __all__ = [
+    "Address",
     "AnswersMode",
     "AuthenticationError",
+    "Demultiplexer",
+    "DemuxStats",
     "FragmentHeader",
     "IdentityError",
     "InvalidKeyError",
@@ -42,6 +48,7 @@ __all__ = [
     "OpenedPacket",
     "PacketClass",
     "PacketKey",
+    "PathChanged",
     "PayloadTooBigError",
     "PskKeys",
     "ReplayWindow",
@@ -53,6 +60,8 @@ __all__ = [
     "encode_ping",
     "iter_messages",
     "open_packet",
+    "path_key",
     "pong_for",
+    "same_path",
     "seal",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .path import Address
+
 
 class SessionState(enum.IntEnum):
     """Life cycle (§11.1); the numbers are the reference's, local only, never sent."""
@@ -44,16 +46,29 @@ class DropReason(enum.Enum):
     NOT_ACCEPTING = "not-accepting"
     """Received while the session is new or closed."""
     EVENT_QUEUE_FULL = "event-queue-full"
+    """More events than the caller drained (bounded at 65536)."""
     SEND_TOO_BIG = "send-too-big"
+    """The I/O layer reported EMSGSIZE for a non-probe datagram."""
     QUEUED_TOO_BIG = "queued-too-big"
     """Written before establishment, larger than the size negotiation then settled on."""
-    """The I/O layer reported EMSGSIZE for a non-probe datagram."""
+    NO_ENDPOINT = "no-endpoint"
+    """An outgoing datagram produced while the peer's address is unknown (counted per
+    datagram, in ``datagrams_to_send``)."""
 
 
 @dataclass(frozen=True, slots=True)
 class StateChanged:
     old: SessionState
     new: SessionState
+
+
+@dataclass(frozen=True, slots=True)
+class PathChanged:
+    """The session adopted a new address for its peer (roaming, or the first contact of a
+    peer that had none): datagrams now go to ``new``."""
+
+    old: Address | None
+    new: Address
 
 
 @dataclass(slots=True)
@@ -86,4 +101,12 @@ class Closed:
     reason: str
 
 
-Event = StateChanged | MessageReceived | PayloadSizeNegotiated | KeyRotated | PeerRestarted | Closed
+Event = (
+    StateChanged
+    | MessageReceived
+    | PayloadSizeNegotiated
+    | KeyRotated
+    | PeerRestarted
+    | PathChanged
+    | Closed
+)

@@ -51,8 +51,20 @@ class KeyExchangeOptions:
 
 
 class KxOutcome(enum.Enum):
+    """What one key-exchange message did; the first three are signed by the pinned key.
+
+    The session needs "signed" and "changed the key state" apart: a signed message can be
+    a replay (anyone who saw it can send it again from anywhere), so only a change may
+    count as fresh evidence of where the peer is.
+    """
+
     ACCEPTED = "accepted"
+    """A new remote key: the key state changed."""
     PEER_RESTARTED = "peer-restarted"
+    """A new remote SessionID (larger CreatedAt): the key state changed."""
+    UNCHANGED = "unchanged"
+    """Signed, but carries the remote key we already use: a retransmission or a replay.
+    It may still be answered and may confirm our rotation, but proves nothing fresh."""
     BAD_SIGNATURE = "kx-bad-signature"
     MODE_MISMATCH = "kx-mode-mismatch"
     BAD_KEY = "kx-bad-key"
@@ -136,7 +148,7 @@ class KeyExchanger:
             return KxOutcome.BAD_SIGNATURE
         if msg.answers_mode != self._opt.answers_mode:
             return KxOutcome.MODE_MISMATCH
-        outcome = KxOutcome.ACCEPTED
+        outcome = KxOutcome.UNCHANGED
         sid = self.remote_session_id
         restarted = False
         if sid is not None and msg.session_id != sid:
@@ -156,6 +168,8 @@ class KeyExchanger:
             if restarted:
                 self._seen_remote.clear()
                 outcome = KxOutcome.PEER_RESTARTED
+            else:
+                outcome = KxOutcome.ACCEPTED
             if pinned is None:
                 self.remote_identity = signer
             self.remote_session_id = msg.session_id
@@ -185,6 +199,19 @@ class KeyExchanger:
             self._rebuild_packet_keys()
             if self.pending_rotation and self._opt.answers_mode != AnswersMode.ANSWER_AND_WAIT:
                 self._confirm()
+
+    def retry_now(self, now: float) -> bool:
+        """Send the pending rotation's request again at once; False if nothing is pending.
+
+        For a request that could not leave (the session had nowhere to send it): once the
+        peer's address is known, waiting out the retry interval would only delay the
+        handshake by up to a second.
+        """
+        if self.failed or not self.pending_rotation:
+            return False
+        self._queue(is_answer=False)
+        self._next_retry = now + self._opt.retry_interval
+        return True
 
     def get_timer(self) -> float | None:
         times = [t for t in (self._next_rotation, self._next_retry, self._deadline) if t]

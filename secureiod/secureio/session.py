@@ -2,15 +2,23 @@
 
 Shaped like aioquic's ``QuicConnection``: the caller owns the socket and the clock.
 
-* inputs: ``start(now)``, ``receive_datagram(data, now)``, ``write_message(type, payload,
-  now)``, ``flush(now)``, ``handle_timer(now)``, ``report_too_big(size, now)``,
-  ``close(now)``;
-* outputs: ``datagrams_to_send()``, ``get_timer()``, ``next_event()``, ``stats``.
+* inputs: ``start(now)``, ``receive_datagram(data, addr, now)``, ``write_message(type,
+  payload, now)``, ``flush(now)``, ``handle_timer(now)``, ``report_too_big(size, now)``,
+  ``set_endpoint(addr)``, ``close(now)``;
+* outputs: ``datagrams_to_send(now)`` as ``(bytes, addr)`` pairs, ``get_timer()``,
+  ``next_event()``, ``endpoint``, ``stats``.
 
 Receive path order (PROTOCOL §4.6 with the §12 hardening): open the packet (MAC) →
 refuse everything but key exchange from clear/aux packets → only then the replay window →
 messages. A datagram that fails is dropped and counted; it never closes the session
 unless ``close_after_decrypt_failures`` asks for that.
+
+Path validation: the session alone decides where the peer is. A datagram from an address
+other than ``endpoint`` moves it there only if it opened under a session key, passed the
+replay window and carries a PacketID above every one accepted from this remote session,
+or if it carried a key exchange signed by the pinned key that changed the key state (a
+new remote key or a peer restart). Anything else, including a validly signed key
+exchange we already knew, can be replayed by anyone who saw it, so it moves nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from .events import (
     Event,
     KeyRotated,
     MessageReceived,
+    PathChanged,
     PayloadSizeNegotiated,
     PeerRestarted,
     SessionState,
@@ -48,6 +57,7 @@ from .keys import PskKeys
 from .kx_message import KeyExchangeMessage
 from .negotiation import NegotiationOptions, Negotiator
 from .packet import KeyRing, PacketClass, PacketKey, open_packet, open_ring, seal
+from .path import Address, same_path
 from .reassembly import Reassembler, fragment_message
 from .replay import ReplayWindow
 from .wire import MESSAGE_HEADER, MessageType, SessionID, iter_messages
@@ -76,6 +86,8 @@ class SessionOptions:
     send_delay: float = 50e-6
     """Aggregation window for small messages; 0 sends each message in its own packet."""
     replay_window: int = 0
+    """PacketIDs remembered (0: 256). Below 0 there is no replay check, and then data
+    packets cannot prove they are fresh: only key exchange moves the peer's address."""
     key_exchange: KeyExchangeOptions = field(default_factory=KeyExchangeOptions)
     psk: bytes | None = None
     negotiation: NegotiationOptions = field(default_factory=NegotiationOptions)
@@ -121,9 +133,13 @@ class Session:
         created_at_ns: int,
         options: SessionOptions | None = None,
         random: RandomSource = os.urandom,
+        endpoint: Address | None = None,
     ) -> None:
         """``created_at_ns`` is the wall-clock UnixNano of creation: it goes on the wire in
-        the SessionID, and a peer tells our restart from a replay by it growing."""
+        the SessionID, and a peer tells our restart from a replay by it growing.
+
+        ``endpoint`` is where the peer is believed to be (``None``: wait to be contacted);
+        the session moves it only on evidence (see the module docstring)."""
         self.options = opt = options or SessionOptions()
         self.identity = identity
         self.session_id = SessionID(created_at_ns, int.from_bytes(random(8), "little"))
@@ -141,9 +157,12 @@ class Session:
         """E: payloads up to this size go in one packet (negotiated, else P)."""
         self.stats = SessionStats()
         self.last_received: float | None = None
-        """When the last authenticated datagram arrived (for keepalive/dead-peer logic)."""
+        """When the last authenticated, fresh datagram arrived (for keepalive/dead-peer
+        logic); a signed key exchange we already knew may be a replay and does not count."""
         self.last_sent: float | None = None
         self.close_reason: str | None = None
+        self._endpoint: Address | None = endpoint
+        self._unsent_for_no_endpoint = False
 
         self._next_pid = 1
         self._out: list[bytes] = []
@@ -158,6 +177,7 @@ class Session:
         self._negotiating_probe_sizes = False
         self._seen_rotations = (0, 0)
         self._kx_accepted = False
+        self._kx_changed = False
         self._needs_update = False
         self._kx_tokens = _KX_BURST
         self._kx_stamp = 0.0
@@ -184,6 +204,22 @@ class Session:
         return self._kx.remote_session_id
 
     @property
+    def endpoint(self) -> Address | None:
+        """Where datagrams go now: the application's address, or the latest validated one."""
+        return self._endpoint
+
+    @property
+    def fallback_key(self) -> tuple[PacketKey, int]:
+        """The key and PacketID mask of this session's key-exchange packets (clear, or the
+        PSK's aux key): what a demultiplexer opens a stranger's first packet with."""
+        return self._fallback, self._pid_mask
+
+    @property
+    def consecutive_decrypt_failures(self) -> int:
+        """Datagrams in a row that no key opened (0 after any authenticated one)."""
+        return self._decrypt_failures
+
+    @property
     def is_established(self) -> bool:
         return self.state == SessionState.ESTABLISHED
 
@@ -208,7 +244,19 @@ class Session:
         self._kx.start(now)
         self._after_input(now)
 
-    def receive_datagram(self, data: bytes | bytearray | memoryview, now: float) -> None:
+    def set_endpoint(self, addr: Address | None) -> None:
+        """The application's own knowledge of the peer's address (configured, resolved).
+
+        Emits no event: the caller already knows. ``None`` stops sending until the peer
+        makes contact from an address the session can validate.
+        """
+        self._endpoint = addr
+
+    def receive_datagram(
+        self, data: bytes | bytearray | memoryview, addr: Address, now: float
+    ) -> None:
+        """One datagram from ``addr``. It may move ``endpoint`` (``PathChanged``) only
+        under the rules in the module docstring."""
         stats = self.stats
         if self.state in (SessionState.NEW, SessionState.CLOSED):
             stats.drop(DropReason.NOT_ACCEPTING)
@@ -233,6 +281,9 @@ class Session:
             if not self._replay.accept(pid):
                 stats.drop(DropReason.REPLAY)
                 return
+            # Accepted and equal to the window's newest: above every PacketID so far.
+            if addr != self._endpoint and pid == self._replay.latest and self._replay.size > 0:
+                self._path_validated(addr, now)
             if not kx.send_confirmed:
                 kx.note_session_packet(kx.recv_slot_ids[index])
                 self._needs_update = True
@@ -271,18 +322,24 @@ class Session:
             if not self._unencrypted_allowed(messages):
                 stats.drop(DropReason.UNENCRYPTED_PAYLOAD)
                 return
-            self._kx_accepted = False
+            self._kx_accepted = self._kx_changed = False
             self._process_messages(messages, now)
             if self._kx_accepted:  # a signature verified: now it counts as authentic
-                self._accept_datagram(len(data), now)
+                self._decrypt_failures = 0
+                stats.rx_packets += 1
+                stats.rx_bytes += len(data)
+            if self._kx_changed:  # ...and it changed the key state: fresh, not a replay
+                self.last_received = now
+                if addr != self._endpoint:
+                    self._path_validated(addr, now)
         if self._needs_update:
             self._after_input(now)
 
     def owns_datagram(self, data: bytes | memoryview) -> bool:
         """Would one of this session's current keys open ``data``? Changes no state.
 
-        For a multi-peer daemon that gets a session packet from an unknown address (a
-        roaming peer): it asks each candidate session before handing the datagram over.
+        For the demultiplexer (``demux.py``), which gets a session packet from an address no
+        session is at (a roaming peer) and asks each candidate before handing it over.
         """
         keys = self._kx.recv_keys
         if not keys:
@@ -356,9 +413,26 @@ class Session:
 
     # -- outputs ----------------------------------------------------------------------
 
-    def datagrams_to_send(self) -> list[bytes]:
-        out, self._out = self._out, []
-        return out
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        """What to send, each with its destination (the current ``endpoint``).
+
+        An aggregation batch whose deadline has passed goes out too. Without an endpoint
+        the datagrams are dropped and counted (``no-endpoint``): a peer that has not made
+        contact yet cannot be reached, and holding them would only grow memory.
+        """
+        deadline = self._batch_deadline
+        if deadline is not None and now >= deadline:
+            self._flush_batch(now)
+        out = self._out
+        if not out:
+            return []
+        self._out = []
+        endpoint = self._endpoint
+        if endpoint is None:
+            self.stats.drops[DropReason.NO_ENDPOINT.value] += len(out)
+            self._unsent_for_no_endpoint = True
+            return []
+        return [(datagram, endpoint) for datagram in out]
 
     def get_timer(self) -> float | None:
         if self.state == SessionState.CLOSED:
@@ -389,6 +463,20 @@ class Session:
         except MalformedError:
             return False
         return True
+
+    def _path_validated(self, addr: Address, now: float) -> None:
+        """``addr`` passed path validation: adopt it unless it names the same path."""
+        old = self._endpoint
+        if same_path(old, addr):
+            return
+        self._endpoint = addr
+        if old is None and self._unsent_for_no_endpoint:
+            # Our own request was dropped for want of an address; answering the peer is
+            # not enough for ANSWER_AND_WAIT, which waits for an answer to a request.
+            self._unsent_for_no_endpoint = False
+            if self._kx.retry_now(now):
+                self._needs_update = True
+        self._emit(PathChanged(old, addr))
 
     def _accept_datagram(self, size: int, now: float) -> None:
         self._decrypt_failures = 0
@@ -432,12 +520,12 @@ class Session:
             self.stats.drop(DropReason.KX_MALFORMED)
             return
         outcome = self._kx.handle_message(msg, now)
-        if outcome is KxOutcome.ACCEPTED:
+        if outcome is KxOutcome.UNCHANGED:
             self._kx_accepted = True
-            self.last_received = now
+        elif outcome is KxOutcome.ACCEPTED:
+            self._kx_accepted = self._kx_changed = True
         elif outcome is KxOutcome.PEER_RESTARTED:
-            self._kx_accepted = True
-            self.last_received = now
+            self._kx_accepted = self._kx_changed = True
             self._peer_restarted(now)
         else:
             self.stats.drop(DropReason(outcome.value))

@@ -1,0 +1,261 @@
+"""Which session owns a datagram: many peers behind one socket.
+
+A daemon with one UDP socket and one ``Session`` per peer has to hand every datagram to
+the right session. The common case is a map lookup by source address. A datagram from an
+address no session is at (a peer that roamed, or a passive peer's first contact) is
+identified only by authenticated evidence, and only within a budget, because every
+attempt costs a signature check or a few trial decryptions that a flood of garbage from
+random addresses could otherwise buy for free:
+
+1. a key-exchange packet (opened with the clear key or a peer's PSK aux key) whose
+   identity key names a session's pinned peer and whose signature verifies; else
+2. trial decryption with each session's current keys, while there are few sessions.
+
+Identification only picks the session; that session then decides on its own, by the
+path-validation rules of ``Session.receive_datagram``, whether the address becomes its
+endpoint. The demultiplexer mirrors the result in its address map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+from .constants import KX_PACKET_SIZE
+from .errors import SecureioError
+from .events import SessionState
+from .kx_message import KeyExchangeMessage
+from .packet import PacketKey, open_packet
+from .path import Address, PathKey, path_key, same_path
+from .session import Session
+from .wire import MessageType, iter_messages
+
+__all__ = ["DemuxStats", "Demultiplexer"]
+
+T = TypeVar("T")
+
+_KX: Final = MessageType.KEY_EXCHANGE
+
+
+@dataclass(slots=True)
+class DemuxStats:
+    """Counters of the demultiplexer's own decisions (each session counts its drops)."""
+
+    unknown_source: int = 0
+    """Datagrams nobody could be shown to own (garbage, strangers, stale peers)."""
+    rate_limited: int = 0
+    """Identifications skipped because the budget was spent: dropped unexamined."""
+    identified_kx: int = 0
+    """Owners found by a signed key exchange from an unmapped address."""
+    identified_trial: int = 0
+    """Owners found by trial decryption from an unmapped address."""
+    reassigned: int = 0
+    """A mapped address's session could not open a datagram and another owner could
+    (e.g. a NAT handed the address to another peer)."""
+    path_takeovers: int = 0
+    """An owner validated an address another owner had: the other one lost its endpoint."""
+
+
+class _TokenBucket:
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.stamp: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self.stamp is not None:
+            self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class Demultiplexer(Generic[T]):
+    """Maps datagrams to owners (``T``: the caller's hashable peer handle).
+
+    Keep the address map honest by going through ``add``/``remove``/``set_endpoint``
+    rather than calling ``Session.set_endpoint`` on a registered session directly.
+    """
+
+    def __init__(
+        self, *, trial_peer_limit: int = 32, identifications_per_second: float = 500.0
+    ) -> None:
+        """``trial_peer_limit``: above this many sessions an unknown address is identified
+        only by key exchange, since trial decryption would cost too much per hostile
+        datagram. ``identifications_per_second`` bounds that work (burst: one second's)."""
+        self.trial_peer_limit = trial_peer_limit
+        self.stats = DemuxStats()
+        self._sessions: dict[T, Session] = {}
+        self._by_addr: dict[PathKey, T] = {}
+        self._by_key: dict[bytes, T] = {}
+        self._fallback_keys: list[tuple[PacketKey, int]] = []
+        self._budget = _TokenBucket(identifications_per_second, identifications_per_second)
+
+    # -- registry ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, owner: object) -> bool:
+        return owner in self._sessions
+
+    def session(self, owner: T) -> Session:
+        return self._sessions[owner]
+
+    def owner_at(self, addr: Address) -> T | None:
+        """Who the map says is at ``addr`` (for inspection and tests)."""
+        return self._by_addr.get(path_key(addr))
+
+    def add(self, owner: T, session: Session) -> None:
+        """Register ``owner``'s session, replacing (not closing) any it had."""
+        if owner in self._sessions:
+            self._forget(owner)
+        self._sessions[owner] = session
+        remote = session.remote_identity
+        if remote is not None:
+            self._by_key[remote.raw] = owner
+        self._map(owner, session.endpoint)
+        self._rebuild_fallback_keys()
+
+    def remove(self, owner: T) -> None:
+        if owner in self._sessions:
+            self._forget(owner)
+            self._rebuild_fallback_keys()
+
+    def set_endpoint(self, owner: T, addr: Address | None) -> None:
+        """The application's address for ``owner`` (configured or resolved)."""
+        session = self._sessions[owner]
+        before = session.endpoint
+        session.set_endpoint(addr)
+        self._sync(owner, before, addr)
+
+    # -- input ------------------------------------------------------------------------
+
+    def receive_datagram(
+        self, data: bytes | bytearray | memoryview, addr: Address, now: float
+    ) -> T | None:
+        """Find the owner of ``data`` from ``addr``, feed it to that owner's session and
+        return the owner (the caller then drains that session), or ``None``."""
+        key = addr if len(addr) == 2 else (addr[0], addr[1], addr[3])  # path_key, inlined
+        owner = self._by_addr.get(key)  # type: ignore[arg-type]
+        if owner is not None:
+            session = self._sessions[owner]
+            if session.state is SessionState.NEW:
+                session.start(now)
+            stats = session.stats
+            received = stats.rx_packets
+            session.receive_datagram(data, addr, now)
+            if stats.rx_packets != received or not session.consecutive_decrypt_failures:
+                return owner  # authenticated, or opened and refused (a replay): it is ours
+            # Nothing of this session's opens it: maybe the address now belongs to
+            # another peer (a NAT reusing a port), so look for a better owner.
+            other = self._identify(data, now, exclude=owner)
+            if other is None:
+                return owner
+            self.stats.reassigned += 1
+            return self._feed(other, data, addr, now)
+        owner = self._identify(data, now, exclude=None)
+        if owner is None:
+            self.stats.unknown_source += 1
+            return None
+        return self._feed(owner, data, addr, now)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _feed(self, owner: T, data: bytes | bytearray | memoryview, addr: Address, now: float) -> T:
+        session = self._sessions[owner]
+        if session.state is SessionState.NEW:  # a passive peer's first contact
+            session.start(now)
+        before = session.endpoint
+        session.receive_datagram(data, addr, now)
+        after = session.endpoint
+        if after is not before:
+            self._sync(owner, before, after)
+        return owner
+
+    def _identify(
+        self, data: bytes | bytearray | memoryview, now: float, exclude: T | None
+    ) -> T | None:
+        """Which other owner can show this datagram is theirs? Authenticated evidence
+        only; the chosen session re-checks everything itself."""
+        if not self._budget.take(now):
+            self.stats.rate_limited += 1
+            return None
+        if len(data) == KX_PACKET_SIZE:
+            owner = self._identify_kx(data)
+            if owner is not None and owner != exclude:
+                self.stats.identified_kx += 1
+                return owner
+            return None
+        if len(self._sessions) > self.trial_peer_limit:
+            return None
+        for owner, session in self._sessions.items():
+            if owner != exclude and session.owns_datagram(data):
+                self.stats.identified_trial += 1
+                return owner
+        return None
+
+    def _identify_kx(self, data: bytes | bytearray | memoryview) -> T | None:
+        for key, mask in self._fallback_keys:
+            try:
+                opened = open_packet(data, [key], mask)
+                msg = next(iter_messages(opened.messages))
+                if msg.type != _KX:
+                    continue
+                kx = KeyExchangeMessage.decode(msg.payload)
+            except (SecureioError, StopIteration):
+                continue
+            owner = self._by_key.get(kx.identity_key)
+            if owner is None:
+                return None
+            session = self._sessions[owner]
+            if session.fallback_key != (key, mask):
+                return None  # not how this peer's packets are sealed: its session would refuse
+            remote = session.remote_identity
+            return owner if remote is not None and kx.verify(remote) else None
+        return None
+
+    def _map(self, owner: T, addr: Address | None) -> None:
+        if addr is None:
+            return
+        key = path_key(addr)
+        other = self._by_addr.get(key)
+        if other is not None and other != owner:
+            # One address, one peer: the owner that just showed (or was told) it is here
+            # wins, and the other stops sending to a host that is no longer its peer.
+            loser = self._sessions[other]
+            if same_path(loser.endpoint, addr):
+                loser.set_endpoint(None)
+            self.stats.path_takeovers += 1
+        self._by_addr[key] = owner
+
+    def _unmap(self, owner: T, addr: Address | None) -> None:
+        if addr is None:
+            return
+        key = path_key(addr)
+        if self._by_addr.get(key) == owner:
+            del self._by_addr[key]
+
+    def _sync(self, owner: T, before: Address | None, after: Address | None) -> None:
+        self._unmap(owner, before)
+        self._map(owner, after)
+
+    def _forget(self, owner: T) -> None:
+        session = self._sessions.pop(owner)
+        self._unmap(owner, session.endpoint)
+        remote = session.remote_identity
+        if remote is not None and self._by_key.get(remote.raw) == owner:
+            del self._by_key[remote.raw]
+
+    def _rebuild_fallback_keys(self) -> None:
+        """Keys that open key-exchange packets from unknown addresses: clear and each
+        distinct PSK's aux key, each tried once however many peers share it."""
+        keys: dict[tuple[bytes | None, bytes, int], tuple[PacketKey, int]] = {}
+        for session in self._sessions.values():
+            key, mask = session.fallback_key
+            keys.setdefault((key.stream_key, key.mac_seed, mask), (key, mask))
+        self._fallback_keys = list(keys.values())
