@@ -1,187 +1,185 @@
-"""The control socket: a unix stream socket speaking JSON lines, and its client.
+"""The control protocol, shared by the daemon's server and ``secureioctl``, and its client.
 
-One request per line, ``{"command": "status"}``; one response per line,
-``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``. The daemon serves it
-from its own event loop (no threads); requests are small and answered at once.
-Mode 0660, group ``secureiod`` when that group exists, so an operator in the group can run
-``secureioctl`` without root.
+A unix stream socket speaking JSON lines: one request per line,
+``{"command": "status"}`` (arguments are further keys of the same object), one reply per
+line, ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``, in request
+order. The server lives in ``secureiod.daemon.control``; this module holds what both sides
+must agree on (the commands and their argument types, the limits, how a line is decoded)
+and the client, so that ``secureioctl`` imports neither the daemon nor pydantic.
+
+Both sides treat the other as hostile: a line is refused before parsing when it is too
+long or nested too deep (``json.loads`` recurses, and 2,000 ``[`` raise ``RecursionError``),
+must be UTF-8, and must be a JSON object. Socket mode 0660, group ``secureiod`` when that
+group exists, so an operator in the group can run ``secureioctl`` without root.
 """
 
 from __future__ import annotations
 
-import contextlib
-import grp
 import json
-import logging
-import os
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "COMMANDS",
+    "CONTROL_GROUP",
+    "DEFAULT_LIMITS",
+    "RUN_DIR",
+    "ArgumentTypes",
+    "ControlError",
+    "ControlLimits",
+    "decode_line",
+    "default_socket_path",
+    "encode_line",
+    "request",
+    "shorten",
+]
 
-MAX_REQUEST: Final = 64 * 1024
-MAX_CONNECTIONS: Final = 32
 CONTROL_GROUP: Final = "secureiod"
+RUN_DIR: Final = Path("/run/secureiod")
+"""Where control sockets go by default: ``/run/secureiod/<interface>.sock``."""
 
-Handler = Callable[[dict[str, Any]], Any]
+ArgumentTypes = Mapping[str, type]
+"""A command's arguments: name -> the JSON type its value must have (str, int, bool...)."""
+
+COMMANDS: Final[Mapping[str, ArgumentTypes]] = MappingProxyType(
+    {
+        "status": MappingProxyType({}),
+        "peers": MappingProxyType({}),
+        "reload": MappingProxyType({}),
+    }
+)
+"""The commands the daemon serves and their arguments. The server refuses anything else
+(unknown command, unknown argument, wrong type) with a one-line error before its handler
+runs, so the handler only ever sees well-formed requests."""
 
 
 class ControlError(Exception):
     """A control request that cannot be served, or a daemon that cannot be reached."""
 
 
-class _Connection:
-    __slots__ = ("buffer", "out", "sock")
+@dataclass(frozen=True, slots=True)
+class ControlLimits:
+    """Every bound of the control plane in one place (tests pass smaller ones).
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-        self.out = bytearray()
+    ``max_buffered`` is what a connection may have waiting to be sent before it is dropped
+    as a client that does not read; one reply alone is always let through whole (its size
+    is bounded by ``max_reply``, which the client also enforces on what it reads).
+    """
+
+    max_request: int = 64 * 1024
+    """Bytes in one request line (the newline not counted)."""
+    max_depth: int = 32
+    """Nesting of arrays and objects in one line, requests and replies alike."""
+    max_reply: int = 16 * 1024 * 1024
+    """Bytes in one reply line."""
+    max_buffered: int = 1024 * 1024
+    """Unsent reply bytes per connection before the server drops it."""
+    max_connections: int = 32
+    """Open connections; a new one evicts the one idle the longest."""
+    idle_timeout: float = 30.0
+    """Seconds a connection may stay without a complete request or reply progress."""
+    requests_per_wakeup: int = 32
+    """Requests served per connection per event-loop wake-up (the rest wait their turn)."""
+
+    def __post_init__(self) -> None:
+        if min(self.max_request, self.max_depth, self.max_reply, self.max_buffered) < 1:
+            raise ValueError("ControlLimits: sizes and depth must be >= 1")
+        if self.max_connections < 1 or self.requests_per_wakeup < 1:
+            raise ValueError("ControlLimits: max_connections and requests_per_wakeup >= 1")
+        if not self.idle_timeout > 0:
+            raise ValueError("ControlLimits: idle_timeout must be > 0")
 
 
-class ControlServer:
-    """Non-blocking; the owner polls ``fileno()`` and the connections' fds for reading."""
+DEFAULT_LIMITS: Final = ControlLimits()
 
-    def __init__(self, path: Path, handler: Handler) -> None:
-        self.path = path
-        self._handler = handler
-        self._connections: dict[int, _Connection] = {}
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
-            self._remove_stale(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o117)
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o660)
-        with contextlib.suppress(KeyError, PermissionError):
-            os.chown(path, -1, grp.getgrnam(CONTROL_GROUP).gr_gid)
-        sock.listen(16)
-        sock.setblocking(False)
-        self._sock = sock
+_ONE_KIND: Final = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
 
-    @staticmethod
-    def _remove_stale(path: Path) -> None:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink(missing_ok=True)  # nobody listens: a leftover from a crash
-            return
-        finally:
-            probe.close()
-        raise ControlError(f"{path}: another daemon is already listening on this control socket")
 
-    def fileno(self) -> int:
-        return self._sock.fileno()
+def _too_deep(line: bytes, max_depth: int) -> bool:
+    """True when ``line`` nests arrays/objects deeper than ``max_depth`` (or its brackets
+    do not balance, which makes it invalid JSON anyway).
 
-    def connection_fds(self) -> list[int]:
-        return list(self._connections)
-
-    def accept(self) -> list[int]:
-        """Accept pending connections; returns the new fds the owner should watch."""
-        new: list[int] = []
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return new
-            except OSError as exc:
-                logger.warning("control socket accept failed: %s", exc)
-                return new
-            if len(self._connections) >= MAX_CONNECTIONS:
-                conn.close()
-                continue
-            conn.setblocking(False)
-            self._connections[conn.fileno()] = _Connection(conn)
-            new.append(conn.fileno())
-
-    def handle_readable(self, fd: int) -> bool:
-        """Serve what arrived on one connection; False when it closed (stop watching it)."""
-        c = self._connections.get(fd)
-        if c is None:
+    Works on the raw bytes (a quote or backslash byte is never part of a multi-byte
+    UTF-8 character): escapes are dropped, the text between quotes (strings, where
+    brackets do not nest) is cut out, both kinds of bracket become one, and then each
+    ``bytes.replace`` pass removes exactly the innermost pairs (it does not rescan what
+    it produced). Every step runs in C and a line that cannot shrink stops at once, so
+    a 64 KiB request costs milliseconds and even a 16 MiB hostile reply a few seconds
+    of the client's time at worst, never a ``RecursionError``.
+    """
+    if b"[" not in line and b"{" not in line:
+        return False
+    unescaped = line.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside_strings = b"".join(unescaped.split(b'"')[::2])
+    brackets = outside_strings.translate(_ONE_KIND, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        if not brackets:
             return False
-        try:
-            data = c.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            data = b""
-        if not data:
-            self._drop(fd)
-            return False
-        c.buffer += data
-        if len(c.buffer) > MAX_REQUEST:
-            self._reply(c, {"ok": False, "error": "request too large"})
-            self._drop(fd)
-            return False
-        while b"\n" in c.buffer:
-            line, _, rest = bytes(c.buffer).partition(b"\n")
-            c.buffer = bytearray(rest)
-            self._reply(c, self._serve(line))
-        return True
+        shorter = brackets.replace(b"[]", b"")
+        if len(shorter) == len(brackets):
+            return True  # no pair left to remove: unbalanced
+        brackets = shorter
+    return bool(brackets)
 
-    def _serve(self, line: bytes) -> dict[str, Any]:
-        try:
-            request = json.loads(line)
-            if not isinstance(request, dict) or not isinstance(request.get("command"), str):
-                raise ValueError("expected an object with a 'command' string")
-        except ValueError as exc:
-            return {"ok": False, "error": f"bad request: {exc}"}
-        try:
-            return {"ok": True, "result": self._handler(request)}
-        except ControlError as exc:
-            return {"ok": False, "error": str(exc)}
-        except Exception as exc:  # a bug must not kill the daemon; report it to the caller
-            logger.exception("control command %r failed", request.get("command"))
-            return {"ok": False, "error": f"internal error: {exc}"}
 
-    def _reply(self, c: _Connection, response: dict[str, Any]) -> None:
-        data = json.dumps(response, separators=(",", ":")).encode() + b"\n"
-        try:
-            c.sock.setblocking(True)
-            c.sock.settimeout(2.0)
-            c.sock.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                c.sock.setblocking(False)
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
-    def _drop(self, fd: int) -> None:
-        c = self._connections.pop(fd, None)
-        if c is not None:
-            c.sock.close()
 
-    def close(self) -> None:
-        for fd in list(self._connections):
-            self._drop(fd)
-        self._sock.close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            # After dropping privileges the runtime directory may not be ours to change;
-            # the next start finds the socket stale (nobody listens) and replaces it.
-            logger.info("leaving %s behind: %s", self.path, exc.strerror or exc)
+def decode_line(line: bytes, limits: ControlLimits = DEFAULT_LIMITS) -> Any:
+    """One protocol line (without its newline) to a Python value; ``ValueError`` with a
+    short reason for anything that is not strict, shallow-enough UTF-8 JSON."""
+    if _too_deep(line, limits.max_depth):
+        raise ValueError(f"brackets nested deeper than {limits.max_depth} or not matched")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:  # not reachable after the depth check; never let it escape
+        raise ValueError("nested too deep") from None
+
+
+def encode_line(value: Any) -> bytes:
+    """A value to one protocol line, newline included. ASCII-only output, so no byte of a
+    string can ever be a newline; ``ValueError``/``TypeError`` for what JSON cannot hold."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
+
+
+def shorten(text: object, limit: int = 200) -> str:
+    """``str(text)`` on one line and at most ``limit`` characters: what goes into an error
+    reply or a log line may come from a hostile request."""
+    try:
+        s = str(text)
+    except Exception:  # a broken __str__ must not turn an error report into a crash
+        s = f"<unprintable {type(text).__name__}>"
+    s = s.replace("\r", " ").replace("\n", " ")
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def default_socket_path(interface: str) -> Path:
-    return Path("/run/secureiod") / f"{interface}.sock"
+    return RUN_DIR / f"{interface}.sock"
 
 
-def request(path: Path, command: str, timeout: float = 10.0, **args: Any) -> Any:
-    """Send one command and return its result; ``ControlError`` with a clear message."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
-    try:
+def _connect(path: Path, sock: socket.socket, deadline: float, timeout: float) -> None:
+    while True:
         try:
             sock.connect(str(path))
+            return
+        except BlockingIOError:
+            # EAGAIN: the daemon's accept backlog is full (a unix socket with a timeout
+            # does not wait for room); the daemon makes room, so try again until the
+            # deadline instead of failing a fresh client at once
+            if time.monotonic() >= deadline:
+                raise ControlError(f"{path}: the daemon accepts no connection; busy?") from None
+            time.sleep(0.01)
         except FileNotFoundError:
             raise ControlError(
                 f"{path}: no such control socket; is secureiod running for this interface?"
@@ -192,24 +190,74 @@ def request(path: Path, command: str, timeout: float = 10.0, **args: Any) -> Any
             raise ControlError(
                 f"{path}: permission denied; run as root or as a member of group '{CONTROL_GROUP}'"
             ) from None
+        except TimeoutError:
+            raise ControlError(f"{path}: no answer within {timeout:g} s") from None
         except OSError as exc:
             raise ControlError(f"{path}: {exc.strerror or exc}") from None
-        sock.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
-        buf = bytearray()
-        while b"\n" not in buf:
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                raise ControlError(f"{path}: no answer within {timeout:g} s") from None
-            if not chunk:
-                raise ControlError(f"{path}: the daemon closed the connection")
+
+
+def _read_reply(path: Path, sock: socket.socket, deadline: float, limits: ControlLimits) -> bytes:
+    """Read up to the first newline; at most ``max_reply`` bytes, before ``deadline``
+    (one overall deadline, so a daemon trickling bytes cannot hold the client forever)."""
+    buf = bytearray()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ControlError(f"{path}: the daemon did not answer in time")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(256 * 1024)
+        except TimeoutError:
+            raise ControlError(f"{path}: the daemon did not answer in time") from None
+        except OSError as exc:
+            raise ControlError(f"{path}: reading the answer: {exc.strerror or exc}") from None
+        if not chunk:
+            raise ControlError(f"{path}: the daemon closed the connection without answering")
+        end = chunk.find(b"\n")
+        if end >= 0:
+            buf += chunk[:end]
+        else:
             buf += chunk
+        if len(buf) > limits.max_reply:
+            raise ControlError(
+                f"{path}: the answer is larger than {limits.max_reply} bytes; refused"
+            )
+        if end >= 0:
+            return bytes(buf)
+
+
+def request(
+    path: Path,
+    command: str,
+    timeout: float = 10.0,
+    **args: Any,
+) -> Any:
+    """Send one command and return its result. Every failure (no daemon, no permission,
+    timeout, a refused request, an answer that is not a well-formed reply) is a
+    ``ControlError`` with a one-line message that names the socket."""
+    limits = DEFAULT_LIMITS
+    line = encode_line({"command": command, **args})
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        _connect(path, sock, deadline, timeout)
+        try:
+            sock.sendall(line)
+        except TimeoutError:
+            raise ControlError(f"{path}: the daemon did not take the request in time") from None
+        except OSError as exc:
+            raise ControlError(f"{path}: sending the request: {exc.strerror or exc}") from None
+        raw = _read_reply(path, sock, deadline, limits)
     finally:
         sock.close()
     try:
-        response = json.loads(bytes(buf).partition(b"\n")[0])
+        response = decode_line(raw, limits)
     except ValueError as exc:
-        raise ControlError(f"{path}: unreadable answer: {exc}") from None
-    if not response.get("ok"):
-        raise ControlError(str(response.get("error", "unknown error")))
+        raise ControlError(f"{path}: unreadable answer: {shorten(exc)}") from None
+    if not isinstance(response, dict) or not isinstance(response.get("ok"), bool):
+        raise ControlError(f"{path}: unreadable answer: not a reply object")
+    if not response["ok"]:
+        error = response.get("error")
+        raise ControlError(shorten(error if isinstance(error, str) else "unknown error", 1000))
     return response.get("result")

@@ -9,18 +9,23 @@ clean for data.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from typing import NoReturn, TextIO
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
     "ArgumentParser",
     "CliError",
     "add_logging_arguments",
     "setup_logging",
+    "stdout_closed",
 ]
 
 EXIT_OK = 0
@@ -28,6 +33,10 @@ EXIT_FAILURE = 1
 """The command ran but did not achieve what was asked (timeout, session closed)."""
 EXIT_USAGE = 2
 """Bad arguments or unusable input files: fix the command line and retry."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (128 + SIGINT, what a shell reports for a command killed by it)."""
+EXIT_BROKEN_PIPE = 141
+"""Whoever read our stdout went away (128 + SIGPIPE, as for a C tool killed by it)."""
 
 
 class CliError(Exception):
@@ -45,6 +54,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def stdout_closed() -> int:
+    """The reader of stdout went away (``secureioctl peers | head -1``): stop quietly.
+
+    Writes to stdout then fail with ``BrokenPipeError``, and so would the interpreter's
+    final flush of what is still buffered (printing "Exception ignored ..."); pointing
+    the descriptor at /dev/null lets that flush succeed. Returns the exit status.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:

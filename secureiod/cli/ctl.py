@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..control import ControlError, default_socket_path, request
+from ..control import RUN_DIR, ControlError, default_socket_path, request, shorten
 from ..secureio.errors import IdentityError
 from ..secureio.identity import Identity, load_identity, resolve_public_key, write_identity_file
-from . import CliError
+from . import EXIT_FAILURE, CliError
 
-RUN_DIR = Path("/run/secureiod")
+DEFAULT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,23 @@ def _socket_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("-i", "--interface", metavar="IFNAME", help="the daemon's interface")
     where.add_argument("--socket", metavar="PATH", type=Path, help="the control socket")
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT,
+        help=f"give up when the daemon has not answered in time (default {DEFAULT_TIMEOUT:g})",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; use 0 < SECONDS <= 3600")
+    return value
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
@@ -53,9 +70,32 @@ def _socket_path(args: argparse.Namespace) -> Path:
 
 def _ask(args: argparse.Namespace, command: str) -> Any:
     try:
-        return request(_socket_path(args), command)
+        return request(_socket_path(args), command, timeout=args.timeout)
     except ControlError as exc:
-        raise CliError(str(exc), 1) from None
+        raise CliError(str(exc), EXIT_FAILURE) from None
+
+
+def _show(args: argparse.Namespace, command: str, render: Callable[[Any], list[str]]) -> int:
+    """Ask the daemon and print its answer: as JSON with ``--json``, else rendered for
+    people. The whole text is rendered before anything is printed, so an answer without
+    the expected shape (a daemon of another version) is one error line and no half
+    output, not a traceback from deep inside the printer."""
+    result = _ask(args, command)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    try:
+        lines = render(result)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        detail = f"missing {shorten(exc, 60)}" if isinstance(exc, KeyError) else shorten(exc, 80)
+        raise CliError(
+            f"the daemon's answer to {command!r} is not in the expected form ({detail}); "
+            "is secureioctl the same version as secureiod? (--json shows the raw answer)",
+            EXIT_FAILURE,
+        ) from None
+    if lines:
+        print("\n".join(lines))
+    return 0
 
 
 def _json_flag(parser: argparse.ArgumentParser) -> None:
@@ -80,54 +120,76 @@ def _ago(wall: float | None) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    result = _ask(args, "status")
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"interface: {result['interface']}")
-    print(f"  public key: {result['public_key']}")
-    print(f"  listening: {result['listen']} (port {result['listen_port']})")
-    print(f"  mtu: {result['mtu']} ({result['mtu_mode']})")
-    print(f"  addresses: {', '.join(result['addresses'])}")
-    print(f"  peers: {result['peers_established']}/{result['peers_total']} established")
-    return 0
+    return _show(args, "status", _render_status)
+
+
+def _render_status(result: dict[str, Any]) -> list[str]:
+    return [
+        f"interface: {result['interface']}",
+        f"  public key: {result['public_key']}",
+        f"  listening: {result['listen']} (port {result['listen_port']})",
+        f"  mtu: {result['mtu']} ({result['mtu_mode']})",
+        f"  addresses: {', '.join(result['addresses'])}",
+        f"  peers: {result['peers_established']}/{result['peers_total']} established",
+    ]
 
 
 def _peers(args: argparse.Namespace) -> int:
-    result = _ask(args, "peers")
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
+    return _show(args, "peers", _render_peers)
+
+
+def _render_peers(result: list[dict[str, Any]]) -> list[str]:
+    if not isinstance(result, list):
+        raise TypeError("expected a list of peers")
+    lines: list[str] = []
     for i, p in enumerate(result):
         if i:
-            print()
-        print(f"peer: {p['name']}")
-        print(f"  public key: {p['public_key']}")
-        print(f"  endpoint: {p['endpoint'] or '(none)'}")
-        print(f"  allowed ips: {', '.join(p['allowed_ips'])}")
-        print(f"  state: {p['state']}")
-        print(f"  latest handshake: {_ago(p['latest_handshake'])}")
-        print(f"  payload size: {p['payload_size']}, route mtu: {p['mtu'] or '(pending)'}")
-        print(
+            lines.append("")
+        lines += [
+            f"peer: {p['name']}",
+            f"  public key: {p['public_key']}",
+            f"  endpoint: {p['endpoint'] or '(none)'}",
+        ]
+        if p.get("endpoint_name"):
+            lines.append(f"  endpoint name: {p['endpoint_name']} ({_resolve_state(p)})")
+        lines += [
+            f"  allowed ips: {', '.join(p['allowed_ips'])}",
+            f"  state: {p['state']}",
+            f"  latest handshake: {_ago(p['latest_handshake'])}",
+            f"  payload size: {p['payload_size']}, route mtu: {p['mtu'] or '(pending)'}",
             f"  transfer: {_size(p['rx_bytes'])} received ({p['rx_packets']} packets), "
-            f"{_size(p['tx_bytes'])} sent ({p['tx_packets']} packets)"
-        )
+            f"{_size(p['tx_bytes'])} sent ({p['tx_packets']} packets)",
+        ]
         drops = {**p.get("drops", {}), **p.get("session_drops", {})}
         if drops:
-            print("  drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
-    return 0
+            lines.append("  drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+    return lines
+
+
+def _resolve_state(peer: dict[str, Any]) -> str:
+    """Where resolving a peer's endpoint name stands: ``ok``, ``resolving``, or
+    ``failed: <why>; retry in N s``."""
+    r = peer.get("resolve") or {}
+    state = str(r.get("state", "unknown"))
+    if r.get("error"):
+        state += f": {r['error']}"
+    if r.get("next_in") is not None and state != "resolving":
+        state += f"; {'retry' if r.get('error') else 'again'} in {float(r['next_in']):.0f} s"
+    return state
 
 
 def _reload(args: argparse.Namespace) -> int:
-    result = _ask(args, "reload")
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    for what in ("added", "removed", "changed"):
-        if result.get(what):
-            print(f"{what}: {', '.join(result[what])}")
-    print(f"unchanged: {len(result.get('unchanged', []))} peer(s) kept their sessions")
-    return 0
+    return _show(args, "reload", _render_reload)
+
+
+def _render_reload(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{what}: {', '.join(result[what])}"
+        for what in ("added", "removed", "changed")
+        if result.get(what)
+    ]
+    lines.append(f"unchanged: {len(result.get('unchanged', []))} peer(s) kept their sessions")
+    return lines
 
 
 def _genkey_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from . import ArgumentParser, CliError, ctl
+from . import EXIT_INTERRUPTED, ArgumentParser, CliError, ctl, stdout_closed
 
 __all__ = ["PROG", "build_parser", "main"]
 
@@ -45,17 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit
-    status. Usage errors and ``CliError`` become one line on stderr and status 2."""
+    status. Usage errors and ``CliError`` become one line on stderr and status 2 (or the
+    error's own status); Ctrl-C and a closed stdout end quietly (130, 141)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args._run
     try:
-        return run(args)
+        status = run(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+        return status
     except CliError as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        return stdout_closed()
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

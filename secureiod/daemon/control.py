@@ -99,7 +99,6 @@ class ControlStats:
 
 class _Connection:
     __slots__ = (
-        "backlogged",
         "closing",
         "eof",
         "fd",
@@ -119,7 +118,6 @@ class _Connection:
         self.last_active = now
         self.reading = False
         self.writing = False
-        self.backlogged = False
         self.eof = False
         """The client shut down its side: serve what it sent, flush, then close."""
         self.closing = False
@@ -132,7 +130,12 @@ class _BadRequest(Exception):
 
 class ControlServer:
     """Serves one control socket on a ``LoopPort``. The constructor binds (so a second
-    daemon is refused before it touches anything); ``start`` begins serving."""
+    daemon is refused before it touches anything); ``start`` begins serving.
+
+    ``clock`` is the loop's clock; every loop callback already gets ``now``, so the
+    server only keeps it for its owner's convenience and reads no clock of its own.
+    ``commands`` is the command table requests are checked against before ``handler``
+    runs (``secureiod.control.COMMANDS`` by default)."""
 
     def __init__(
         self,
@@ -149,7 +152,7 @@ class ControlServer:
         self.stats = ControlStats()
         self._handler = handler
         self._loop = loop
-        self._clock = clock
+        self.clock = clock
         self._commands = commands
         self._connections: dict[int, _Connection] = {}
         self._backlog: dict[int, _Connection] = {}
@@ -450,7 +453,7 @@ class ControlServer:
     def _on_sweep(self, now: float) -> None:
         limit = now - self.limits.idle_timeout
         for c in list(self._connections.values()):
-            if False:
+            if c.last_active <= limit:
                 self.stats.timed_out += 1
                 self._close(c)
         self._arm_sweep()
