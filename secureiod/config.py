@@ -42,6 +42,7 @@ from typing import Annotated, Any, Final, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, ValidationError
 
+from .paths import control_socket_path
 from .secretfile import SecretFileError, read_psk_file
 from .secureio.constants import DEFAULT_PAYLOAD_SIZE_LIMIT
 from .secureio.errors import IdentityError, SecureioError
@@ -55,11 +56,9 @@ from .secureio.identity import (
 from .secureio.negotiation import MIN_PROBE_SIZE
 
 __all__ = [
-    "DEFAULT_CONFIG_DIR",
     "DEFAULT_KEEPALIVE_TIMEOUT",
     "DEFAULT_KEY_UPDATE_INTERVAL",
     "DEFAULT_LISTEN_PORT",
-    "DEFAULT_RUN_DIR",
     "RELOADABLE_INTERFACE_FIELDS",
     "RESTART_INTERFACE_FIELDS",
     "Config",
@@ -75,7 +74,6 @@ __all__ = [
     "PeerSchema",
     "SocketAddress",
     "check_config",
-    "default_config_path",
     "diff_config",
     "load_config",
     "restart_required",
@@ -88,10 +86,6 @@ IPInterface: TypeAlias = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 _Loc: TypeAlias = tuple[str | int, ...]
 
-DEFAULT_CONFIG_DIR: Final = Path("/etc/secureiod")
-"""``/etc/secureiod/<interface>.toml`` is the default config file of ``<interface>``."""
-DEFAULT_RUN_DIR: Final = Path("/run/secureiod")
-"""Where control sockets go by default: ``/run/secureiod/<interface>.sock``."""
 DEFAULT_LISTEN_HOST: Final = "0.0.0.0"
 DEFAULT_LISTEN_PORT: Final = 5800
 DEFAULT_KEY_UPDATE_INTERVAL: Final = 60.0
@@ -575,11 +569,6 @@ class Config:
         return {peer.public_key: peer for peer in self.peers}
 
 
-def default_config_path(interface: str) -> Path:
-    """``/etc/secureiod/<interface>.toml``, the file ``secureiod <interface>`` reads."""
-    return DEFAULT_CONFIG_DIR / f"{interface}.toml"
-
-
 # --- loading -------------------------------------------------------------------------------
 
 
@@ -857,7 +846,7 @@ def _resolve_interface(
     control_socket = (
         Path(schema.control_socket)
         if schema.control_socket is not None
-        else DEFAULT_RUN_DIR / f"{name}.sock"
+        else control_socket_path(name)
     )
     return InterfaceConfig(
         name=name,

@@ -28,20 +28,16 @@ __all__ = [
     "COMMANDS",
     "CONTROL_GROUP",
     "DEFAULT_LIMITS",
-    "RUN_DIR",
     "ArgumentTypes",
     "ControlError",
     "ControlLimits",
     "decode_line",
-    "default_socket_path",
     "encode_line",
     "request",
     "shorten",
 ]
 
 CONTROL_GROUP: Final = "secureiod"
-RUN_DIR: Final = Path("/run/secureiod")
-"""Where control sockets go by default: ``/run/secureiod/<interface>.sock``."""
 
 ArgumentTypes = Mapping[str, type]
 """A command's arguments: name -> the JSON type its value must have (str, int, bool...)."""
@@ -162,10 +158,6 @@ def shorten(text: object, limit: int = 200) -> str:
         s = f"<unprintable {type(text).__name__}>"
     s = s.replace("\r", " ").replace("\n", " ")
     return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
-def default_socket_path(interface: str) -> Path:
-    return RUN_DIR / f"{interface}.sock"
 
 
 def _connect(path: Path, sock: socket.socket, deadline: float, timeout: float) -> None:

@@ -1,4 +1,10 @@
-"""Log lines the network can trigger, with a bounded volume.
+"""Logging: where lines go (the journal, stderr) and how many the network can cause.
+
+``setup_daemon_logging`` sends the daemon's lines to the journal when stderr is connected to
+it, else to stderr; ``setup_cli_logging`` gives command-line tools the ``prog: message``
+shape on stderr.
+
+Log lines the network can trigger, with a bounded volume:
 
 A peer that roams every 20 ms, or an attacker replaying datagrams from ever new addresses,
 must not be able to fill the journal: each such line goes through a ``RateLimitedLog``,
@@ -11,10 +17,15 @@ written per interval, so keys an attacker makes up cannot grow either the table 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
+from typing import Final, TextIO
 
-__all__ = ["RateLimitedLog"]
+__all__ = ["RateLimitedLog", "setup_cli_logging", "setup_daemon_logging"]
+
+logger = logging.getLogger(__name__)
 
 
 class _Entry:
@@ -113,3 +124,140 @@ class RateLimitedLog:
             return False
         self._window_lines += 1
         return True
+
+
+# --- where lines go --------------------------------------------------------------------------
+
+SYSLOG_IDENTIFIER: Final = "secureiod"
+_HANDLER_NAME: Final = "secureiod"
+
+
+_SYSLOG_PRIORITY: Final = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4))
+
+
+class _PriorityPrefixFormatter(logging.Formatter):
+    """``<N>`` syslog priority prefixes (sd-daemon(3)) for stderr that is connected to the
+    journal when systemd-python is missing: journald strips them and keeps the levels."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for lvl, p in _SYSLOG_PRIORITY if record.levelno >= lvl), None)
+        if priority is None:
+            priority = 6 if record.levelno >= logging.INFO else 7
+        return f"<{priority}>{super().format(record)}"
+
+
+def _stderr_on_journal(environ: Mapping[str, str]) -> bool:
+    """systemd's documented check: ``JOURNAL_STREAM`` is ``st_dev:st_ino`` of the stream it
+    connected, so a matching fd 2 was not redirected since (systemd.exec(5))."""
+    value = environ.get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep or not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def _journal_handler() -> logging.Handler | None:
+    try:
+        from systemd.journal import JournalHandler
+    except ImportError:
+        return None
+    try:
+        handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
+    except Exception as exc:  # any failure here just means "use stderr"
+        logger.debug("cannot create a journal handler: %s", exc)
+        return None
+    return handler
+
+
+def _parse_level(level: int | str) -> int:
+    if isinstance(level, int):
+        return level
+    value = logging.getLevelNamesMapping().get(level.strip().upper())
+    if value is None:
+        raise ValueError(f"unknown log level {level!r}")
+    return value
+
+
+def setup_daemon_logging(level: int | str, *, force_stderr: bool = False) -> str:
+    """Send the root logger to the journal when stderr is connected to it, else to stderr.
+
+    Returns ``"journal"`` or ``"stderr"``. Native journal entries keep the level as
+    PRIORITY and the logger name as a field; plain stderr gets a compact line with a
+    timestamp. Calling it again replaces the handler it installed before and leaves any
+    other handler alone.
+    """
+    numeric = _parse_level(level)
+    on_journal = _stderr_on_journal(os.environ)
+    handler = None if force_stderr or not on_journal else _journal_handler()
+    kind = "journal"
+    if handler is None:
+        kind = "stderr"
+        handler = logging.StreamHandler(sys.stderr)
+        if on_journal and not force_stderr:
+            handler.setFormatter(_PriorityPrefixFormatter("%(name)s: %(message)s"))
+        else:
+            handler.setFormatter(
+                logging.Formatter(
+                    "%(asctime)s.%(msecs)03d %(levelname).1s %(name)s: %(message)s",
+                    datefmt="%H:%M:%S",
+                )
+            )
+    handler.set_name(_HANDLER_NAME)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    return kind
+
+
+class _Formatter(logging.Formatter):
+    """``prog: message`` for information, ``prog: warning: message`` for problems: the
+    conventional shape of a command-line tool's stderr."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__()
+        self._prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        line = f"{self._prog}: {text}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_cli_logging(
+    prog: str,
+    verbose: int,
+    quiet: bool,
+    *,
+    informative: tuple[str, ...] = (),
+    stream: TextIO | None = None,
+) -> None:
+    """Configure the root logger for a command.
+
+    By default only warnings are shown, plus INFO from the ``informative`` loggers (e.g. the
+    session's state changes, which a user of a test tool wants to see); ``-v`` shows all
+    INFO, ``-vv`` DEBUG, ``-q`` warnings only.
+    """
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_Formatter(prog))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    if verbose >= 2:
+        root.setLevel(logging.DEBUG)
+    elif verbose == 1:
+        root.setLevel(logging.INFO)
+    else:
+        root.setLevel(logging.WARNING)
+        if not quiet:
+            for name in informative:
+                logging.getLogger(name).setLevel(logging.INFO)

@@ -1,8 +1,8 @@
-"""systemd glue: readiness notification, the watchdog, and where log lines go.
+"""systemd glue: readiness notification and the watchdog.
 
 It knows nothing of secureio. It exists so a ``Type=notify`` (or ``notify-reload``) unit
 knows when the tunnel is really up, restarts a daemon whose event loop has stalled, and
-keeps log priorities in the journal, while the daemon runs unchanged outside systemd.
+the daemon runs unchanged outside systemd (where log lines go is ``secureiod.logs``).
 
 libsystemd (through systemd-python) is optional. Without it the notification protocol is
 sent by hand: it is one ``KEY=VALUE`` line per field in a single datagram to the
@@ -18,12 +18,11 @@ import logging
 import os
 import re
 import socket
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Final
 
-__all__ = ["Notifier", "setup_logging", "watchdog_interval"]
+__all__ = ["Notifier", "watchdog_interval"]
 
 logger = logging.getLogger(__name__)
 
@@ -193,89 +192,3 @@ def watchdog_interval(
         logger.warning("ignoring invalid WATCHDOG_USEC=%r", text)
         return None
     return int(text) / 2 / 1_000_000
-
-
-# --- logging --------------------------------------------------------------------------------
-
-_SYSLOG_PRIORITY: Final = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4))
-
-
-class _PriorityPrefixFormatter(logging.Formatter):
-    """``<N>`` syslog priority prefixes (sd-daemon(3)) for stderr that is connected to the
-    journal when systemd-python is missing: journald strips them and keeps the levels."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = next((p for lvl, p in _SYSLOG_PRIORITY if record.levelno >= lvl), None)
-        if priority is None:
-            priority = 6 if record.levelno >= logging.INFO else 7
-        return f"<{priority}>{super().format(record)}"
-
-
-def _stderr_on_journal(environ: Mapping[str, str]) -> bool:
-    """systemd's documented check: ``JOURNAL_STREAM`` is ``st_dev:st_ino`` of the stream it
-    connected, so a matching fd 2 was not redirected since (systemd.exec(5))."""
-    value = environ.get("JOURNAL_STREAM", "")
-    dev, sep, ino = value.partition(":")
-    if not sep or not dev.isdigit() or not ino.isdigit():
-        return False
-    try:
-        st = os.fstat(2)
-    except OSError:
-        return False
-    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
-
-
-def _journal_handler() -> logging.Handler | None:
-    try:
-        from systemd.journal import JournalHandler
-    except ImportError:
-        return None
-    try:
-        handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
-    except Exception as exc:  # any failure here just means "use stderr"
-        logger.debug("cannot create a journal handler: %s", exc)
-        return None
-    return handler
-
-
-def _parse_level(level: int | str) -> int:
-    if isinstance(level, int):
-        return level
-    value = logging.getLevelNamesMapping().get(level.strip().upper())
-    if value is None:
-        raise ValueError(f"unknown log level {level!r}")
-    return value
-
-
-def setup_logging(level: int | str, *, force_stderr: bool = False) -> str:
-    """Send the root logger to the journal when stderr is connected to it, else to stderr.
-
-    Returns ``"journal"`` or ``"stderr"``. Native journal entries keep the level as
-    PRIORITY and the logger name as a field; plain stderr gets a compact line with a
-    timestamp. Calling it again replaces the handler it installed before and leaves any
-    other handler alone.
-    """
-    numeric = _parse_level(level)
-    on_journal = _stderr_on_journal(os.environ)
-    handler = None if force_stderr or not on_journal else _journal_handler()
-    kind = "journal"
-    if handler is None:
-        kind = "stderr"
-        handler = logging.StreamHandler(sys.stderr)
-        if on_journal and not force_stderr:
-            handler.setFormatter(_PriorityPrefixFormatter("%(name)s: %(message)s"))
-        else:
-            handler.setFormatter(
-                logging.Formatter(
-                    "%(asctime)s.%(msecs)03d %(levelname).1s %(name)s: %(message)s",
-                    datefmt="%H:%M:%S",
-                )
-            )
-    handler.set_name(_HANDLER_NAME)
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
-        root.removeHandler(old)
-        old.close()
-    root.addHandler(handler)
-    root.setLevel(numeric)
-    return kind

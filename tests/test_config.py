@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
+from secureiod import paths
 from secureiod.config import (
-    DEFAULT_RUN_DIR,
     RELOADABLE_INTERFACE_FIELDS,
     RESTART_INTERFACE_FIELDS,
     Config,
@@ -33,7 +33,6 @@ from secureiod.config import (
     PeerSchema,
     SocketAddress,
     check_config,
-    default_config_path,
     diff_config,
     load_config,
     restart_required,
@@ -832,7 +831,7 @@ def test_name_defaults_to_the_file_name(site: Site) -> None:
     path = site.write(site.interface(name=None), name="tun7.toml")
     interface = load_config(path).interface
     assert interface.name == "tun7"
-    assert interface.control_socket == DEFAULT_RUN_DIR / "tun7.sock"
+    assert interface.control_socket == Path("/run/secureiod/tun7.sock")
 
 
 def test_file_name_that_cannot_be_an_interface_name(site: Site) -> None:
@@ -1033,7 +1032,7 @@ def test_check_config_raises_the_same_error(site: Site) -> None:
 
 
 def test_default_config_path() -> None:
-    assert default_config_path("sio0") == Path("/etc/secureiod/sio0.toml")
+    assert paths.config_path("sio0") == Path("/etc/secureiod/sio0.toml")
 
 
 # --- the examples in config/ ------------------------------------------------------------------

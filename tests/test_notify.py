@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from secureiod.notify import Notifier, setup_logging, watchdog_interval
+from secureiod.logs import setup_daemon_logging
+from secureiod.notify import Notifier, watchdog_interval
 
 try:
     import systemd.daemon  # noqa: F401
@@ -196,12 +197,12 @@ def test_watchdog_interval_defaults_to_our_environment_and_pid(
     assert watchdog_interval() is None
 
 
-# --- setup_logging --------------------------------------------------------------------------
+# --- setup_daemon_logging ------------------------------------------------------------------
 
 
 @pytest.fixture
 def root_logger() -> Iterator[logging.Logger]:
-    """Restore the root logger's handlers and level, which setup_logging changes."""
+    """Restore the root logger's handlers and level, which setup_daemon_logging changes."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
@@ -226,10 +227,10 @@ def test_stderr_when_journal_stream_is_absent_or_stale(
     root_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
-    assert setup_logging("debug") == "stderr"
+    assert setup_daemon_logging("debug") == "stderr"
     assert root_logger.level == logging.DEBUG
     monkeypatch.setenv("JOURNAL_STREAM", "1:2")
-    assert setup_logging(logging.INFO) == "stderr"
+    assert setup_daemon_logging(logging.INFO) == "stderr"
     (handler,) = our_handlers(root_logger)  # replaced, not added
     assert isinstance(handler, logging.StreamHandler)
     assert root_logger.level == logging.INFO
@@ -240,13 +241,13 @@ def test_journal_when_stderr_is_the_journal_stream(
 ) -> None:
     journal = pytest.importorskip("systemd.journal")
     monkeypatch.setenv("JOURNAL_STREAM", stderr_identity())
-    kind = setup_logging("INFO")
+    kind = setup_daemon_logging("INFO")
     (handler,) = our_handlers(root_logger)
     if kind == "journal":
         assert isinstance(handler, journal.JournalHandler)
     else:  # this systemd-python cannot build a handler here: the fallback must hold
         assert isinstance(handler, logging.StreamHandler)
-    assert setup_logging("INFO", force_stderr=True) == "stderr"
+    assert setup_daemon_logging("INFO", force_stderr=True) == "stderr"
     (handler,) = our_handlers(root_logger)
     assert not isinstance(handler, journal.JournalHandler)
 
@@ -256,7 +257,7 @@ def test_journal_stream_without_systemd_python_prefixes_priorities(
 ) -> None:
     monkeypatch.setitem(sys.modules, "systemd.journal", None)  # import now fails
     monkeypatch.setenv("JOURNAL_STREAM", stderr_identity())
-    assert setup_logging("WARNING") == "stderr"
+    assert setup_daemon_logging("WARNING") == "stderr"
     (handler,) = our_handlers(root_logger)
     record = logging.LogRecord("secureiod.x", logging.ERROR, __file__, 1, "boom", None, None)
     assert handler.format(record) == "<3>secureiod.x: boom"
@@ -264,4 +265,4 @@ def test_journal_stream_without_systemd_python_prefixes_priorities(
 
 def test_unknown_level_is_refused(root_logger: logging.Logger) -> None:
     with pytest.raises(ValueError, match="unknown log level"):
-        setup_logging("loud")
+        setup_daemon_logging("loud")

@@ -2,18 +2,17 @@
 
 What every command shares lives here: the error type for mistakes a user can fix (printed
 as one line, exit status 2, never a traceback), an argument parser that reports its errors
-the same way, and the logging setup that sends diagnostics to stderr so that stdout stays
-clean for data.
+the same way. (Their logging setup is ``secureiod.logs.setup_cli_logging``: diagnostics on
+stderr, so that stdout stays clean for data.)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import sys
-from typing import NoReturn, TextIO
+from typing import NoReturn
 
 __all__ = [
     "EXIT_BROKEN_PIPE",
@@ -24,7 +23,6 @@ __all__ = [
     "ArgumentParser",
     "CliError",
     "add_logging_arguments",
-    "setup_logging",
     "stdout_closed",
 ]
 
@@ -85,50 +83,3 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only warnings and errors (no state changes)",
     )
-
-
-class _Formatter(logging.Formatter):
-    """``prog: message`` for information, ``prog: warning: message`` for problems: the
-    conventional shape of a command-line tool's stderr."""
-
-    def __init__(self, prog: str) -> None:
-        super().__init__()
-        self._prog = prog
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            text = f"{record.levelname.lower()}: {text}"
-        line = f"{self._prog}: {text}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-
-def setup_logging(
-    prog: str,
-    verbose: int,
-    quiet: bool,
-    *,
-    informative: tuple[str, ...] = (),
-    stream: TextIO | None = None,
-) -> None:
-    """Configure the root logger for a command.
-
-    By default only warnings are shown, plus INFO from the ``informative`` loggers (e.g. the
-    session's state changes, which a user of a test tool wants to see); ``-v`` shows all
-    INFO, ``-vv`` DEBUG, ``-q`` warnings only.
-    """
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(_Formatter(prog))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    if verbose >= 2:
-        root.setLevel(logging.DEBUG)
-    elif verbose == 1:
-        root.setLevel(logging.INFO)
-    else:
-        root.setLevel(logging.WARNING)
-        if not quiet:
-            for name in informative:
-                logging.getLogger(name).setLevel(logging.INFO)

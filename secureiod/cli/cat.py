@@ -32,6 +32,7 @@ from typing import BinaryIO, Final
 
 from ..aio import SecureSession, SendInfo, connect, listen
 from ..endpoint import format_endpoint, parse_endpoint
+from ..logs import setup_cli_logging
 from ..secretfile import SecretFileError, read_psk_file
 from ..secureio.constants import DEFAULT_PAYLOAD_SIZE_LIMIT
 from ..secureio.errors import IdentityError, PayloadTooBigError, SecureioError
@@ -40,7 +41,7 @@ from ..secureio.keyexchange import KeyExchangeOptions
 from ..secureio.negotiation import MIN_PROBE_SIZE, NegotiationOptions
 from ..secureio.session import QueueFullError, SessionOptions
 from ..secureio.wire import MessageType
-from . import EXIT_FAILURE, EXIT_OK, CliError, add_logging_arguments, setup_logging
+from . import EXIT_FAILURE, EXIT_OK, CliError, add_logging_arguments
 
 NAME: Final = "cat"
 HELP: Final = "send stdin lines to a peer and print what it sends, over one secureio session"
@@ -164,7 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(
+    setup_cli_logging(
         f"secureioctl {NAME}",
         args.verbose,
         args.quiet,

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..control import RUN_DIR, ControlError, default_socket_path, request, shorten
+from ..control import ControlError, request, shorten
+from ..paths import RUN_DIR, control_socket_path
 from ..secureio.errors import IdentityError
 from ..secureio.identity import Identity, load_identity, resolve_public_key, write_identity_file
 from . import EXIT_FAILURE, CliError
@@ -58,7 +59,7 @@ def _socket_path(args: argparse.Namespace) -> Path:
     if args.socket is not None:
         return args.socket
     if args.interface:
-        return default_socket_path(args.interface)
+        return control_socket_path(args.interface)
     sockets = sorted(RUN_DIR.glob("*.sock")) if RUN_DIR.is_dir() else []
     if len(sockets) == 1:
         return sockets[0]

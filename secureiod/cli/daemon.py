@@ -23,8 +23,10 @@ from ..control import ControlError
 from ..daemon.device import Device
 from ..daemon.loop import EventLoop, SystemClock
 from ..endpoint import format_endpoint, resolve_endpoint
+from ..logs import setup_daemon_logging
 from ..netlink import Netlink, NetlinkError
-from ..notify import Notifier, setup_logging, watchdog_interval
+from ..notify import Notifier, watchdog_interval
+from ..paths import config_path as default_config_path
 from ..privileges import PrivilegeError, current_capabilities, drop_privileges
 from ..resolver import ThreadResolver
 from ..tun import TunDevice, TunError
@@ -33,7 +35,6 @@ from . import ArgumentParser
 
 logger = logging.getLogger("secureiod")
 PROG = "secureiod"
-DEFAULT_DIR = Path("/etc/secureiod")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--config", "-c", type=Path, help="config file (TOML)")
     where.add_argument(
-        "--interface", "-i", metavar="IFNAME", help=f"read {DEFAULT_DIR}/IFNAME.toml"
+        "--interface", "-i", metavar="IFNAME", help=f"read {default_config_path('IFNAME')}"
     )
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--user", help="drop to this user after setup (keeps CAP_NET_ADMIN)")
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config is not None:
         config_path = args.config
     elif args.interface:
-        config_path = DEFAULT_DIR / f"{args.interface}.toml"
+        config_path = default_config_path(args.interface)
     else:
         return _fail("give --config PATH or --interface IFNAME", 2)
     if args.check:
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             return _fail(str(exc), 2)
         return 0
-    setup_logging(args.log_level.upper())
+    setup_daemon_logging(args.log_level.upper())
     try:
         config = load_config(config_path)
     except ConfigError as exc:

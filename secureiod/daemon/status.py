@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,7 @@ def device_status(device: Device, now: float) -> dict[str, Any]:
         "tun_write_errors": device.receive.tun_write_errors,
         "reloads": device.reloader.reloads,
         "reloads_refused": device.reloader.refused,
+        "control": dataclasses.asdict(device.control.stats) if device.control else None,
         "udp": {
             "rx_datagrams": udp.stats.rx_datagrams,
             "tx_datagrams": udp.stats.tx_datagrams,
