@@ -26,12 +26,3 @@ class FragmentHeader:
         if len(payload) < FRAGMENT_HEADER_SIZE:
             raise MalformedError(f"fragment of {len(payload)} bytes is shorter than its header")
         return cls(*FRAGMENT_HEADER.unpack_from(payload))
-
-
-def encode_fragment(header: FragmentHeader, chunk: bytes | memoryview) -> bytes:
-    return header.encode() + chunk
-
-
-def split_fragment(payload: bytes | memoryview) -> tuple[FragmentHeader, memoryview]:
-    header = FragmentHeader.decode(payload)
-    return header, memoryview(payload)[FRAGMENT_HEADER_SIZE:]

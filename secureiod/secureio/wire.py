@@ -8,7 +8,7 @@ the complete messages before it were yielded, as the reference delivers them too
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -95,10 +95,6 @@ def encode_message(
     message_type: int, payload: bytes | memoryview, flags: int = MESSAGE_FLAG_CONFIDENTIAL
 ) -> bytes:
     return MESSAGE_HEADER.pack(message_type, len(payload), flags) + payload
-
-
-def encode_messages(messages: Iterable[Message]) -> bytes:
-    return b"".join(encode_message(m.type, m.payload, m.flags) for m in messages)
 
 
 def iter_messages(buf: bytes | memoryview) -> Iterator[Message]:
