@@ -485,6 +485,8 @@ class Node:
         self.dev: str | None = None
         self.underlay: str | None = None
         self.log_level = "info"
+        self.extra_args: list[str] = []
+        """More ``secureiod`` arguments for the next ``start`` (e.g. ``["--user", "nobody"]``)."""
 
     def __repr__(self) -> str:
         return f"<Node {self.name} in {self.ns}>"
@@ -570,7 +572,7 @@ class Node:
             log.flush()
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns, SECUREIOD, "--config", str(self.config_path),
-                 "--log-level", self.log_level],
+                 "--log-level", self.log_level, *self.extra_args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

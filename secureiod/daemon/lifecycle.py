@@ -145,6 +145,21 @@ class Lifecycle:
         self.send.dirty.discard(peer)
         self.offload.update(self.peers.values())
 
+    def withdraw_routes(self, peer: Peer) -> None:
+        """First half of an in-place reload change: the peer's prefixes go (all peers'
+        go before any come back, so a prefix can move between two peers)."""
+        self.router.remove_value(peer)
+        self.routes.remove_peer(peer)
+
+    def update_in_place(self, peer: Peer, new: PeerConfig) -> None:
+        """A reload that changed only what needs no new session (allowed IPs, keepalive):
+        the new prefixes and keepalive take effect, the session and its keys stay."""
+        peer.config = new
+        self.router.insert_all(new.allowed_ips, peer)
+        self.routes.add_peer(peer)
+        peer.keepalive_interval = float(new.persistent_keepalive or peer.timing.keepalive_interval)
+        self.schedule(peer)
+
     def restart(self, peer: Peer, now: float, reason: str) -> None:
         peer.counters.restarts += 1
         self.log.log(

@@ -272,4 +272,5 @@ class Peer:
             info["key_rotations"] = list(s.key_rotations)
             info["wire_rx_packets"] = s.stats.rx_packets
             info["wire_tx_packets"] = s.stats.tx_packets
+            info["wire_rx_kx_duplicates"] = s.stats.rx_kx_duplicates
         return info

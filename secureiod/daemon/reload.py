@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from ..config import Config, ConfigError, diff_config, restart_required
 from ..control import ControlError
@@ -22,6 +23,10 @@ from .ports import NotifierPort
 from .routes import Routes
 
 logger = logging.getLogger("secureiod")
+
+IN_PLACE_FIELDS: Final = frozenset({"allowed_ips", "persistent_keepalive"})
+"""Peer settings a reload applies to the running session, as WireGuard does; a new key,
+PSK or endpoint starts a new session."""
 
 ConfigLoader = Callable[[Path, Config], Config]
 """(path, running config) -> new config; the running one lets the loader reuse what did
@@ -77,12 +82,19 @@ def apply_config(lifecycle: Lifecycle, routes: Routes, new: Config, now: float) 
         )
     peers = lifecycle.peers
     lifecycle.config = new
+    in_place = {n: c for n, c in diff.changed.items() if c.fields <= IN_PLACE_FIELDS}
+    renewed = {n: c for n, c in diff.changed.items() if n not in in_place}
     # Removals and the old sides of changes first: an allowed IP may move between peers.
-    for name in (*diff.removed, *diff.changed):
+    for name in (*diff.removed, *renewed):
         peer = peers.get(name)
         if peer is not None:
             lifecycle.remove_peer(peer, now, "removed by reload")
-    for change in diff.changed.values():
+    kept = [(peers[n], c.new) for n, c in in_place.items() if n in peers]
+    for peer, _ in kept:
+        lifecycle.withdraw_routes(peer)
+    for peer, pc in kept:
+        lifecycle.update_in_place(peer, pc)
+    for change in renewed.values():
         lifecycle.add_peer(change.new, now)
     for pc in diff.added.values():
         lifecycle.add_peer(pc, now)

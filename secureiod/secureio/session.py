@@ -118,6 +118,10 @@ class SessionStats:
     tx_bytes: int = 0
     rx_messages: int = 0
     tx_messages: int = 0
+    rx_kx_duplicates: int = 0
+    """Key exchanges signed by the peer that carried a key we already had: its retries
+    (normal), or replays by anyone who saw one. Answered, but not counted in
+    ``rx_packets``, and they move nothing (not the endpoint, not liveness)."""
     drops: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in DropReason})
 
     def drop(self, reason: DropReason) -> None:
@@ -176,7 +180,6 @@ class Session:
         self._decrypt_failures = 0
         self._negotiating_probe_sizes = False
         self._seen_rotations = (0, 0)
-        self._kx_accepted = False
         self._kx_changed = False
         self._needs_update = False
         self._kx_tokens = _KX_BURST
@@ -322,13 +325,12 @@ class Session:
             if not self._unencrypted_allowed(messages):
                 stats.drop(DropReason.UNENCRYPTED_PAYLOAD)
                 return
-            self._kx_accepted = self._kx_changed = False
+            self._kx_changed = False
             self._process_messages(messages, now)
-            if self._kx_accepted:  # a signature verified: now it counts as authentic
+            if self._kx_changed:  # signed and it changed the key state: fresh, not a replay
                 self._decrypt_failures = 0
                 stats.rx_packets += 1
                 stats.rx_bytes += len(data)
-            if self._kx_changed:  # ...and it changed the key state: fresh, not a replay
                 self.last_received = now
                 if addr != self._endpoint:
                     self._path_validated(addr, now)
@@ -521,11 +523,11 @@ class Session:
             return
         outcome = self._kx.handle_message(msg, now)
         if outcome is KxOutcome.UNCHANGED:
-            self._kx_accepted = True
+            self.stats.rx_kx_duplicates += 1
         elif outcome is KxOutcome.ACCEPTED:
-            self._kx_accepted = self._kx_changed = True
+            self._kx_changed = True
         elif outcome is KxOutcome.PEER_RESTARTED:
-            self._kx_accepted = self._kx_changed = True
+            self._kx_changed = True
             self._peer_restarted(now)
         else:
             self.stats.drop(DropReason(outcome.value))
