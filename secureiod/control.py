@@ -47,6 +47,8 @@ COMMANDS: Final[Mapping[str, ArgumentTypes]] = MappingProxyType(
         "status": MappingProxyType({}),
         "peers": MappingProxyType({}),
         "reload": MappingProxyType({}),
+        "metrics": MappingProxyType({}),
+        "showconf": MappingProxyType({}),
     }
 )
 """The commands the daemon serves and their arguments. The server refuses anything else

@@ -1,5 +1,5 @@
 """``secureioctl`` subcommands that talk to a running daemon or manage keys:
-``status``, ``peers``, ``reload``, ``genkey``, ``pubkey``.
+``status``, ``peers``, ``show``, ``showconf``, ``metrics``, ``reload``, ``genkey``, ``pubkey``.
 
 Output is meant for people (like ``wg show``) unless ``--json`` asks for the daemon's
 answer as it is, for scripts and tests.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,9 +70,9 @@ def _socket_path(args: argparse.Namespace) -> Path:
     raise CliError(f"several daemons are running ({names}); choose one with -i IFNAME")
 
 
-def _ask(args: argparse.Namespace, command: str) -> Any:
+def _ask(args: argparse.Namespace, command: str, path: Path | None = None) -> Any:
     try:
-        return request(_socket_path(args), command, timeout=args.timeout)
+        return request(path or _socket_path(args), command, timeout=args.timeout)
     except ControlError as exc:
         raise CliError(str(exc), EXIT_FAILURE) from None
 
@@ -85,8 +86,15 @@ def _show(args: argparse.Namespace, command: str, render: Callable[[Any], list[s
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    lines = _rendered(command, render, result)
+    if lines:
+        print("\n".join(lines))
+    return 0
+
+
+def _rendered(command: str, render: Callable[[Any], list[str]], result: Any) -> list[str]:
     try:
-        lines = render(result)
+        return render(result)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         detail = f"missing {shorten(exc, 60)}" if isinstance(exc, KeyError) else shorten(exc, 80)
         raise CliError(
@@ -94,8 +102,18 @@ def _show(args: argparse.Namespace, command: str, render: Callable[[Any], list[s
             "is secureioctl the same version as secureiod? (--json shows the raw answer)",
             EXIT_FAILURE,
         ) from None
-    if lines:
-        print("\n".join(lines))
+
+
+def _text(args: argparse.Namespace, command: str) -> int:
+    """Print a daemon's answer that is text already (``metrics``, ``showconf``)."""
+    result = _ask(args, command)
+    if not isinstance(result, str):
+        raise CliError(
+            f"the daemon's answer to {command!r} is not text; is secureioctl the same "
+            "version as secureiod?",
+            EXIT_FAILURE,
+        )
+    sys.stdout.write(result if result.endswith("\n") or not result else result + "\n")
     return 0
 
 
@@ -179,6 +197,60 @@ def _resolve_state(peer: dict[str, Any]) -> str:
     return state
 
 
+def _show_all(args: argparse.Namespace) -> int:
+    """``show``: status and peers of one daemon (``-i``/``--socket``), or of every daemon
+    with a control socket in the runtime directory, like ``wg show all``. A daemon that
+    does not answer is one error line on stderr; the others are still shown (exit 1)."""
+    if args.socket is not None or args.interface:
+        targets = [_socket_path(args)]
+    else:
+        targets = sorted(RUN_DIR.glob("*.sock")) if RUN_DIR.is_dir() else []
+        if not targets:
+            raise CliError(f"no daemon control socket in {RUN_DIR}; is secureiod running?", 1)
+    shown: dict[str, Any] = {}
+    blocks: list[list[str]] = []
+    failed = 0
+    for path in targets:
+        name = path.stem
+        try:
+            status = _ask(args, "status", path)
+            peers = _ask(args, "peers", path)
+            if args.socket is not None and isinstance(status, dict):
+                name = str(status.get("interface", name))  # else the socket names it
+            lines = _rendered("status", _render_status, status)
+            peer_lines = _rendered("peers", _render_peers, peers)
+        except CliError as exc:
+            if len(targets) == 1:
+                raise
+            failed += 1
+            print(f"secureioctl show: error: {name}: {exc}", file=sys.stderr)
+            shown[name] = {"error": str(exc)}
+            continue
+        shown[name] = {"status": status, "peers": peers}
+        blocks.append([*lines, "", *peer_lines] if peer_lines else lines)
+    if args.json:
+        print(json.dumps(shown, indent=2))
+    elif blocks:
+        print("\n\n".join("\n".join(block) for block in blocks))
+    return EXIT_FAILURE if failed else 0
+
+
+def _show_arguments(parser: argparse.ArgumentParser) -> None:
+    _json_flag(parser)
+    parser.description = (
+        "Show the interface and its peers; without -i or --socket, every running "
+        f"interface (every control socket in {RUN_DIR})."
+    )
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    return _text(args, "metrics")
+
+
+def _showconf(args: argparse.Namespace) -> int:
+    return _text(args, "showconf")
+
+
 def _reload(args: argparse.Namespace) -> int:
     return _show(args, "reload", _render_reload)
 
@@ -228,6 +300,21 @@ def _pubkey(args: argparse.Namespace) -> int:
 STATUS = Subcommand("status", "show the daemon's interface and peer counts", _json_flag, _status)
 PEERS = Subcommand("peers", "show every peer: state, endpoint, MTU, counters", _json_flag, _peers)
 RELOAD = Subcommand("reload", "re-read the config and apply the difference", _json_flag, _reload)
+SHOW = Subcommand(
+    "show",
+    "show interfaces and their peers (all running ones without -i)",
+    _show_arguments,
+    _show_all,
+)
+SHOWCONF = Subcommand(
+    "showconf",
+    "print the running config as TOML (secret file paths, never their contents)",
+    _socket_arguments,
+    _showconf,
+)
+METRICS = Subcommand(
+    "metrics", "print the daemon's Prometheus metrics (text format)", _socket_arguments, _metrics
+)
 GENKEY = Subcommand(
     "genkey",
     "write a new identity (PATH, PATH.pub) and print its public key",
@@ -235,4 +322,4 @@ GENKEY = Subcommand(
     _genkey,
 )
 PUBKEY = Subcommand("pubkey", "print the public key of a key file", _pubkey_arguments, _pubkey)
-ALL = (STATUS, PEERS, RELOAD, GENKEY, PUBKEY)
+ALL = (STATUS, PEERS, SHOW, SHOWCONF, METRICS, RELOAD, GENKEY, PUBKEY)

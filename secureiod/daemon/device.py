@@ -25,6 +25,7 @@ from ..secureio.demux import Demultiplexer
 from .allowed_ips import AllowedIPs
 from .control import ControlServer
 from .lifecycle import Lifecycle
+from .metrics import Metrics
 from .offload import LOSS_CHECK_INTERVAL, OffloadCaps
 from .peer import Peer
 from .ports import ClockPort, LoopPort, NetlinkPort, NotifierPort, ResolverPort, TunPort, UdpPort
@@ -32,7 +33,7 @@ from .receive import ReceivePath
 from .reload import ConfigLoader, Reloader, ReloadResult
 from .routes import Routes
 from .send import BatchSize, SendPath
-from .status import device_status, status_line
+from .status import device_status, running_config_toml, status_line
 
 logger = logging.getLogger("secureiod")
 
@@ -95,6 +96,8 @@ class Device:
             on_caps=lambda peer, payload: self.offload.on_caps(peer, payload, self.peers.values()),
             on_event=self.lifecycle.on_event,
         )
+        # bound before the control socket: a metrics_listen in use then leaves nothing behind
+        self.metrics = Metrics(self, config.interface.metrics_listen)
         self.control = (
             ControlServer(control_path, self.handle_command, loop, clock=clock.monotonic)
             if control_path is not None
@@ -125,6 +128,7 @@ class Device:
         self.loop.add_reader(self.udp.fileno(), self.receive.on_udp)
         if self.control is not None:
             self.control.start()
+        self.metrics.start(self.clock.wall_ns() / 1e9)
         if self.tun.vnet_hdr:
             self.loop.call_at(now + LOSS_CHECK_INTERVAL, self._check_offload)
         if self.watchdog_interval and self.notifier is not None:
@@ -143,6 +147,7 @@ class Device:
             self.loop.remove_reader(fd)
         if self.control is not None:
             self.control.close()
+        self.metrics.close()
         self.resolver.close()
 
     def give_back(self) -> None:
@@ -209,4 +214,8 @@ class Device:
             return self.peers_info()
         if command == "reload":
             return self.reload().as_dict()
+        if command == "metrics":
+            return self.metrics.text()
+        if command == "showconf":
+            return running_config_toml(self.config)
         raise ControlError(f"unknown command {command!r}")

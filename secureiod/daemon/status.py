@@ -1,16 +1,18 @@
-"""What ``secureioctl status`` and ``peers`` show, and the line systemd shows."""
+"""What ``secureioctl status``, ``peers`` and ``showconf`` show, and the line systemd shows."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ..endpoint import format_endpoint
 from ..secureio.events import SessionState
 from .peer import Peer
 
 if TYPE_CHECKING:
+    from ..config import Config
     from .device import Device
 
 
@@ -57,3 +59,87 @@ def device_status(device: Device, now: float) -> dict[str, Any]:
             "tx_errors": udp.stats.tx_errors,
         },
     }
+
+
+# --- showconf ------------------------------------------------------------------------------
+
+_AUTO_WHEN_NONE: Final = frozenset({"mtu"})
+"""Interface keys whose None is spelt out ("auto") rather than left out."""
+
+
+def running_config_toml(config: Config) -> str:
+    """The running config as TOML that ``load_config`` reads back to an equal ``Config``
+    (``secureioctl showconf``). Keys are the resolved fields, so defaults are spelt out and
+    relative paths are absolute. Secrets appear as the paths of their files: the private
+    key and ``psk_file``. A field marked ``repr=False`` (the PSK bytes) and anything of type
+    ``bytes`` is never written, whatever its name, so a secret added later stays out too."""
+    iface = config.interface
+    lines = [
+        _comment(f"secureiod running config of {iface.name}, loaded from {config.path}"),
+        f"# public key: {config.public_key}",
+        "# secrets are shown as the paths of their files, never their contents",
+        "",
+        "[interface]",
+        *_toml_fields(iface, auto=_AUTO_WHEN_NONE),
+    ]
+    for peer in config.peers:
+        lines += ["", "[[peer]]", *_toml_fields(peer)]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_fields(obj: Any, auto: frozenset[str] = frozenset()) -> list[str]:
+    lines = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not f.repr or isinstance(value, bytes | bytearray):
+            continue
+        if value is None:
+            if f.name in auto:
+                lines.append(f'{f.name} = "auto"')
+            continue
+        lines.append(f"{f.name} = {_toml_value(value)}")
+    return lines
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} has no TOML spelling the config accepts")
+        return repr(value)
+    if isinstance(value, tuple | list | frozenset | set):
+        items = sorted(value, key=str) if isinstance(value, frozenset | set) else value
+        return "[" + ", ".join(_toml_value(v) for v in items) + "]"
+    if isinstance(value, bytes | bytearray):
+        raise TypeError("bytes are never written (secrets)")
+    # Path, SocketAddress, PublicKey, IP networks and interfaces: their str() is the
+    # spelling the config takes
+    return _toml_string(str(value))
+
+
+def _comment(text: str) -> str:
+    """A comment line; a newline in a file name must not end it early."""
+    return "# " + "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quote, backslash and control characters escaped (TOML has no
+    raw DEL or C0 control in a basic string)."""
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04X}")
+        elif 0xD800 <= code <= 0xDFFF:  # a file name's undecodable byte: TOML cannot hold it
+            out.append("\ufffd")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
