@@ -18,6 +18,9 @@ help:
 	@echo "make demo            tunnel between two network namespaces (needs root)"
 	@echo "make netns-test      only the end-to-end suite in network namespaces (needs root)"
 	@echo "make test            bootstrap, then ruff + the whole pytest suite"
+	@echo "make test-fresh      make test + make demo on a fresh Debian 12 root (needs root)"
+	@echo "make deb             build dist/secureiod_<version>_<arch>.deb"
+	@echo "make test-systemd    build the .deb, test it under systemd in two containers"
 	@echo "make lint | fmt      ruff check | ruff format"
 	@echo "make bench-protocol  protocol benchmark"
 	@echo "make bench-crypto    crypto backend benchmark"
@@ -82,3 +85,13 @@ deb:
 test-systemd: bootstrap
 	deb=$$(bash packaging/deb/build.sh $(DEB_DIR)) && \
 	SECUREIOD_DEB="$$deb" $(VPY) -m pytest packaging/tests -v -p no:cacheprovider
+
+# --- the newcomer's check (not part of `make test`) ----------------------------------------
+# `make test-fresh` clones the committed HEAD into a throwaway overlay of a cached minimal
+# Debian 12 root and runs `make test` and `make demo` there as root (scripts/test_fresh.py
+# says how, and what it cleans up). Needs root and network (apt, pip); only the system
+# python3, no .venv.
+
+.PHONY: test-fresh
+test-fresh:
+	$(PYTHON) scripts/test_fresh.py

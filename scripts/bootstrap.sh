@@ -9,9 +9,25 @@
 #   EXTRA_APT_PACKAGES  more apt packages to require (space separated)
 set -euo pipefail
 
-# apt packages every test run needs. Extend here.
+# apt packages every test run needs: nothing a test calls may be missing on a fresh
+# Debian 12 (a missing tool fails a test, it is never a reason to skip one). Extend here,
+# with the command that needs the package:
+#   the venv and the C accelerator     python3-venv python3-dev python3-pip gcc pkg-config
+#                                      libsystemd-dev libsodium23 libsodium-dev
+#   netns-tests, tests, make demo      ip ss (iproute2), iperf3, nft (nftables), sysctl
+#                                      kill (procps), ping (iputils-ping), modprobe (kmod),
+#                                      ssh-keygen (openssh-client), unshare nsenter
+#                                      (util-linux), mount umount (mount)
+#   make deb (packaging/deb/build.sh)  dpkg-deb (dpkg), dpkg-shlibdeps dpkg-buildflags
+#                                      (dpkg-dev), strip (binutils)
+#   packaging/tests                    debootstrap, systemd-nspawn (systemd-container),
+#                                      systemd-analyze (systemd), lintian; https mirrors
+#                                      for debootstrap (ca-certificates)
 APT_PACKAGES="python3-venv python3-dev python3-pip gcc pkg-config libsystemd-dev
-iproute2 iperf3 nftables procps iputils-ping kmod openssh-client libsodium23 libsodium-dev"
+libsodium23 libsodium-dev
+iproute2 iperf3 nftables procps iputils-ping kmod openssh-client util-linux mount
+dpkg dpkg-dev binutils
+debootstrap systemd-container systemd lintian ca-certificates prometheus"
 
 PYTHON="${PYTHON:-python3}"
 VENV=.venv

@@ -18,7 +18,9 @@ import errno
 import fcntl
 import logging
 import os
+import pwd
 import socket
+import stat
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -304,10 +306,37 @@ def _open_error(exc: OSError, path: str) -> TunError:
     if code in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
         hint = f"{path} is missing or has no driver: load the module with `modprobe tun`"
     elif code in (errno.EACCES, errno.EPERM):
-        hint = f"permission denied opening {path}: run as root (or open it before dropping)"
+        hint = f"permission denied opening {path}{_node_facts(path)}: {_access_fix(path)}"
     else:
         hint = f"cannot open {path}: {exc.strerror or exc}"
     return TunError(hint, code)
+
+
+def _node_facts(path: str) -> str:
+    """`` (mode 0600, owner root)``: why the open was refused, or nothing if unknown."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    return f" (mode {stat.S_IMODE(st.st_mode):04o}, owner {owner})"
+
+
+def _access_fix(path: str) -> str:
+    """Opening the clone device is a file-permission check that CAP_NET_ADMIN does not
+    pass: the fix is access to the node (as the packaged unit grants), or root."""
+    uid = os.geteuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return (
+        f"give user {user} read and write access to it (the secureiod@ unit does: "
+        f"setfacl -m u:{user}:rw {path}), or run as root (or open it before dropping)"
+    )
 
 
 def _attach_error(exc: OSError, name: str, multi_queue: bool) -> TunError:

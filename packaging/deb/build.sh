@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # Build dist/secureiod_<version>-<rev>_<arch>.deb with dpkg-deb (no debhelper).
 #
-# Usage: packaging/deb/build.sh [OUTDIR]        (run as root: `make deb`)
+# Usage: packaging/deb/build.sh [OUTDIR]        (`make deb`; root only to apt-get missing
+#                                               build dependencies)
 # Prints the path of the .deb on stdout (and only that); progress goes to stderr.
 #
 # Debian 12 lacks pydantic 2, blake3 and pyroute2 0.9, so the package carries its own
 # virtualenv at /opt/secureiod/venv, made by the system /usr/bin/python3 (-m venv) and
-# filled by pip from PyPI. A venv has its absolute path baked in (bin/ shebangs,
-# pyvenv.cfg), so it is built AT /opt/secureiod/venv, inside a private mount namespace
-# (unshare -m) where /opt is an overlay whose writable layer is a temporary directory:
-# the build machine's real /opt is never written to (an installed secureiod there is
-# hidden, not touched), whatever else is in /opt stays visible (local pip mirrors),
-# and nothing is left behind when the namespace ends. The venv is then copied into the
-# staging root, cleaned (no __pycache__, no direct_url.json, ELF objects stripped) and
-# checked for leftover build paths.
+# filled by pip from PyPI. The venv is built directly in the staging root
+# ($WORK/root/opt/secureiod/venv): nothing is mounted and nothing outside $WORK is
+# written, so the build works wherever Debian 12 runs as root, on overlayfs (a Docker
+# build, a chroot on overlay) and inside containers. A venv is relocatable except for
+# the places that name its own path, and those are rewritten to the final path:
+#   * the shebang of the two entry points (bin/secureiod, bin/secureioctl), which pip
+#     writes as the staging interpreter's path;
+#   * the informational "command =" line of pyvenv.cfg.
+# (bin/python3 is a symlink to /usr/bin/python3, and sys.prefix is found from the
+# location of pyvenv.cfg at run time, so nothing else depends on where it was built.)
+# The venv is then cleaned (no __pycache__, no direct_url.json, no activate scripts,
+# ELF objects stripped) and every file is checked for leftover build paths: anything
+# that still names $WORK or the source tree fails the build.
 #
 # Environment: DEB_REVISION (default 1), PIP (extra pip options, e.g. --no-index).
 set -euo pipefail
@@ -29,14 +35,13 @@ VENV=$PREFIX/venv
 log() { echo "deb: $*" >&2; }
 die() { echo "deb: error: $*" >&2; exit 1; }
 
-[ "$(id -u)" -eq 0 ] || die "run as root (the venv is built in a private mount namespace)"
-
 # --- build dependencies ----------------------------------------------------------------
 need=()
 for p in dpkg-dev python3-venv python3-dev gcc libsodium-dev binutils; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ "${#need[@]}" -gt 0 ]; then
+    [ "$(id -u)" -eq 0 ] || die "missing build dependencies: ${need[*]}; run as root (or install them)"
     log "installing build dependencies: ${need[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
         || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
@@ -62,25 +67,24 @@ log "building $PKG $VERSION ($ARCH) in $WORK"
 tar -C "$REPO" --exclude=__pycache__ --exclude='*.so' --exclude='*.pyc' \
     -cf - pyproject.toml setup.py README.md secureiod | tar -C "$WORK/src" -xf -
 
-# --- the venv, built at its final path inside a private mount namespace ----------------
-cat >"$WORK/venv.sh" <<'EOF'
-set -euo pipefail
-mount --make-rprivate /
-mkdir -p "$WORK/opt-upper" "$WORK/opt-work"
-mount -t overlay secureiod-build -o "lowerdir=/opt,upperdir=$WORK/opt-upper,workdir=$WORK/opt-work" /opt
-rm -rf "$PREFIX"    # a whiteout in the upper layer if the host has one
-"$PY" -m venv "$VENV"
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-# Build our own wheel (with the libsodium C accelerator) from the clean copy, with
-# Debian's hardening flags (fortify, stack protector, relro/bindnow) ...
-eval "$(DEB_BUILD_MAINT_OPTIONS=hardening=+all dpkg-buildflags --export=sh)"
-"$VENV/bin/pip" wheel -q $PIP --no-deps -w "$WORK/wheels" "$WORK/src"
-# ... and install it with its dependencies as binary wheels. (PyNaCl 1.6 cannot be built
-# against Debian 12's libsodium 1.0.18, so it keeps the libsodium its wheel embeds; our
-# own C accelerator links the system libsodium23.)
-"$VENV/bin/pip" install -q $PIP --no-compile --only-binary :all: "$WORK"/wheels/secureiod-*.whl
-cd /   # import from the venv, not from a secureiod/ in the current directory
-"$VENV/bin/python" - <<'PYEOF'
+# --- the venv, built in the staging root and relocated to its final path ---------------
+SVENV=$STAGE$VENV
+mkdir -p "$STAGE$PREFIX"
+(
+    cd /   # import from the venv below, not from a secureiod/ in the current directory
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+    "$PY" -m venv "$SVENV"
+    # Build our own wheel (with the libsodium C accelerator) from the clean copy, with
+    # Debian's hardening flags (fortify, stack protector, relro/bindnow) ...
+    eval "$(DEB_BUILD_MAINT_OPTIONS=hardening=+all dpkg-buildflags --export=sh)"
+    # shellcheck disable=SC2086  # PIP holds several options
+    "$SVENV/bin/pip" wheel -q ${PIP:-} --no-deps -w "$WORK/wheels" "$WORK/src"
+    # ... and install it with its dependencies as binary wheels. (PyNaCl 1.6 cannot be
+    # built against Debian 12's libsodium 1.0.18, so it keeps the libsodium its wheel
+    # embeds; our own C accelerator links the system libsodium23.)
+    # shellcheck disable=SC2086
+    "$SVENV/bin/pip" install -q ${PIP:-} --no-compile --only-binary :all: "$WORK"/wheels/secureiod-*.whl
+    "$SVENV/bin/python" - <<'PYEOF'
 import importlib, sys
 for m in ("secureiod.secureio._accel", "nacl.bindings", "blake3", "pydantic", "pyroute2",
           "cryptography.hazmat.primitives.asymmetric.ed25519", "secureiod.cli.daemon"):
@@ -88,16 +92,19 @@ for m in ("secureiod.secureio._accel", "nacl.bindings", "blake3", "pydantic", "p
 import secureiod.secureio._accel as a, nacl._sodium as s
 print("deb: imports ok:", a.__file__, s.__file__, file=sys.stderr)
 PYEOF
-"$VENV/bin/pip" freeze --all >"$WORK/freeze.txt"
-# A product venv: dpkg owns its files, nobody pip-installs into it.
-"$VENV/bin/pip" uninstall -q -y pip setuptools
-cp -a "$PREFIX" "$STAGE/opt/"
-umount /opt
-EOF
-mkdir -p "$STAGE/opt"
-WORK="$WORK" STAGE="$STAGE" PY="$PY" PREFIX="$PREFIX" VENV="$VENV" PIP="${PIP:-}" \
-    unshare --mount bash "$WORK/venv.sh" >&2
-[ -x "$STAGE$VENV/bin/secureiod" ] || die "the venv has no bin/secureiod"
+    "$SVENV/bin/pip" freeze --all >"$WORK/freeze.txt"
+    # A product venv: dpkg owns its files, nobody pip-installs into it.
+    "$SVENV/bin/pip" uninstall -q -y pip setuptools
+) >&2
+[ -x "$SVENV/bin/secureiod" ] || die "the venv has no bin/secureiod"
+
+# --- relocate: the paths that name the staging venv now name $VENV -------------------------
+for script in secureiod secureioctl; do
+    head -1 "$SVENV/bin/$script" | grep -qx "#!$SVENV/bin/python[0-9.]*" \
+        || die "unexpected shebang in bin/$script: $(head -1 "$SVENV/bin/$script")"
+    sed -i "1s|^#!.*|#!$VENV/bin/python3|" "$SVENV/bin/$script"
+done
+sed -i "s|^command = .*|command = $PY -m venv $VENV|" "$SVENV/pyvenv.cfg"
 
 # --- clean the venv ----------------------------------------------------------------------
 find "$STAGE$PREFIX" -name __pycache__ -type d -prune -exec rm -rf {} +
@@ -161,8 +168,9 @@ grep -vE 'no dependency information found|should already be installed|could avoi
 [ -n "$shlibs" ] || die "dpkg-shlibdeps found no dependencies"
 # The venv is tied to the minor version it was made with (lib/python3.11, cp311 wheels).
 # libsodium23 is named even if dpkg-shlibdeps finds it (our C accelerator links it);
-# iproute2 for the admin's `ip`, procps for the unit's /bin/kill, adduser for postinst.
-DEPENDS="python3 (>= $PYVER), python3 (<< $PYNEXT), $shlibs, libsodium23, iproute2, procps, adduser"
+# iproute2 for the admin's `ip`, procps for the unit's /bin/kill, adduser for postinst,
+# acl for the unit's setfacl (access to /dev/net/tun where it is 0600).
+DEPENDS="python3 (>= $PYVER), python3 (<< $PYNEXT), $shlibs, libsodium23, iproute2, procps, adduser, acl"
 # Keep the first mention of each package (libsodium23 (>= x) over a bare libsodium23).
 DEPENDS=$("$PY" -c '
 import sys

@@ -2,6 +2,10 @@
 overlay per container, systemd-nspawn -b inside a network namespace made here, nsenter
 into it, and a cleanup that runs whatever failed.
 
+Each container's overlay keeps its writable layer on a tmpfs mounted for it, so this
+works where the host's own / or /var/tmp is an overlayfs (a Docker build, a chroot on
+overlay, ``make test-fresh``): overlayfs cannot use another overlayfs as its upper layer.
+
 Network: each container lives in its own network namespace created by this module; the
 two are joined by one veth pair (198.18.0.1/24 <-> 198.18.0.2/24, RFC 2544 range). No
 namespace has a default route or a link to the host, so nothing can leave them.
@@ -26,12 +30,25 @@ from pathlib import Path
 
 CACHE_DIR = Path(os.environ.get("SECUREIOD_TEST_CACHE", "/var/cache/secureiod-test"))
 SUITE = "bookworm"
+# Everything the .deb depends on must be here: the containers have no network for apt.
 INCLUDE = (
     "systemd,systemd-sysv,dbus,iproute2,iputils-ping,libsodium23,python3,python3-venv,"
-    "ca-certificates,procps"
+    "ca-certificates,procps,acl"
 )
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-HOST_TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container"}
+# Host commands these tests run, and the Debian package of each: scripts/bootstrap.sh
+# installs them all (`make test` runs it), so none is ever missing, let alone skipped.
+HOST_TOOLS = {
+    "debootstrap": "debootstrap",
+    "systemd-nspawn": "systemd-container",
+    "systemd-analyze": "systemd",
+    "lintian": "lintian",
+    "dpkg-deb": "dpkg",
+    "dpkg-shlibdeps": "dpkg-dev",
+    "nsenter": "util-linux",
+    "mount": "mount",
+    "ip": "iproute2",
+}
 
 BOOT_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
@@ -60,17 +77,14 @@ def run(
     return result
 
 
-def ensure_host_tools() -> None:
-    """debootstrap and systemd-nspawn (systemd-container) on the host, from apt."""
-    missing = [pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None]
-    if not missing:
-        return
-    log(f"installing {' '.join(missing)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
-    if subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300)
-        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+def require_host_tools() -> None:
+    """Fail (never skip) when a host command is missing, naming its package."""
+    missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None})
+    if missing:
+        raise AssertionError(
+            f"missing host packages: {' '.join(missing)}; run `make bootstrap` "
+            "(scripts/bootstrap.sh) as root to install them"
+        )
 
 
 def apt_mirror() -> str:
@@ -151,7 +165,8 @@ class Container:
     root: Path = field(init=False)
     nspawn: subprocess.Popen[bytes] | None = None
     leader: int | None = None
-    mounted: bool = False
+    mounts: list[Path] = field(default_factory=list)
+    """What is mounted for this container, in mount order (unmounted in reverse)."""
 
     def __post_init__(self) -> None:
         self.root = self.workdir / "root"
@@ -160,11 +175,17 @@ class Container:
     # --- lifecycle -------------------------------------------------------------------------
 
     def mount(self) -> None:
-        for d in ("root", "upper", "work"):
-            (self.workdir / d).mkdir(parents=True, exist_ok=True)
-        opts = f"lowerdir={self.lower},upperdir={self.workdir}/upper,workdir={self.workdir}/work"
+        """The root: an overlay of the cached root, written to a tmpfs of its own."""
+        layers = self.workdir / "layers"
+        layers.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(exist_ok=True)
+        run(["mount", "-t", "tmpfs", "-o", "mode=0700", f"secureiod-{self.name}", str(layers)])
+        self.mounts.append(layers)
+        for d in ("upper", "work"):
+            (layers / d).mkdir()
+        opts = f"lowerdir={self.lower},upperdir={layers}/upper,workdir={layers}/work"
         run(["mount", "-t", "overlay", f"secureiod-{self.name}", "-o", opts, str(self.root)])
-        self.mounted = True
+        self.mounts.append(self.root)
 
     def boot(self) -> None:
         with open(self.log_path, "wb") as out:
@@ -189,6 +210,7 @@ class Container:
                 start_new_session=True,
             )
         deadline = time.monotonic() + BOOT_TIMEOUT
+        state = "(no systemd process found)"
         while time.monotonic() < deadline:
             if self.nspawn.poll() is not None:
                 raise AssertionError(
@@ -198,11 +220,19 @@ class Container:
             if self.leader is None:
                 self.leader = self._find_leader()
             if self.leader is not None:
-                state = self.sh("systemctl is-system-running 2>/dev/null", check=False, timeout=10)
-                if state.stdout.strip() in ("running", "degraded"):
+                out = self.sh("systemctl is-system-running 2>&1", check=False, timeout=10)
+                state = (out.stdout + out.stderr).strip()
+                if state in ("running", "degraded"):
                     return
             time.sleep(0.2)
-        raise AssertionError(f"container {self.name} did not boot in {BOOT_TIMEOUT:.0f} s")
+        jobs = ""
+        if self.leader is not None:
+            out = self.sh("systemctl list-jobs --no-pager 2>&1", check=False, timeout=10)
+            jobs = f"\nsystemctl list-jobs:\n{out.stdout.strip()}"
+        raise AssertionError(
+            f"container {self.name} did not boot in {BOOT_TIMEOUT:.0f} s (last state: "
+            f"{state}){jobs}\nconsole:\n{self.console_tail()}"
+        )
 
     def _find_leader(self) -> int | None:
         assert self.nspawn is not None
@@ -236,14 +266,12 @@ class Container:
         self.nspawn = None
 
     def unmount(self) -> bool:
-        if not self.mounted:
-            return True
-        for args in (["umount", str(self.root)], ["umount", "-l", str(self.root)]):
-            if subprocess.run(args, capture_output=True, timeout=30).returncode == 0:
-                self.mounted = False
-                return True
-        log(f"could not unmount {self.root}")
-        return False
+        """Unmount the overlay, then its tmpfs; False if something stays mounted."""
+        while self.mounts:
+            if not _unmount(self.mounts[-1]):
+                return False
+            self.mounts.pop()
+        return True
 
     # --- inside the container ----------------------------------------------------------------
 
@@ -252,7 +280,12 @@ class Container:
     ) -> subprocess.CompletedProcess[str]:
         """Run a shell script in all of the container's namespaces (as its root)."""
         assert self.leader is not None, f"{self.name} is not running"
-        argv = ["nsenter", "-t", str(self.leader), "-a", "--", "/bin/sh", "-c", script]
+        # -r -w: the container's root and working directory, explicitly. Entering its mount
+        # namespace alone lands on that namespace's root mount, which is the container's
+        # root only when nspawn was not itself run in a chroot (nspawn moves the container
+        # root onto its own "/", so in a chroot it is stacked on the chroot, not on the
+        # namespace's root: `make test-fresh` runs these tests in a chroot).
+        argv = ["nsenter", "-t", str(self.leader), "-a", "-r", "-w", "--", "/bin/sh", "-c", script]
         result = subprocess.run(
             argv,
             input=input,
@@ -340,12 +373,30 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _unmount(path: Path) -> bool:
+    for args in (["umount", str(path)], ["umount", "-l", str(path)]):
+        if subprocess.run(args, capture_output=True, timeout=30).returncode == 0:
+            return True
+    log(f"could not unmount {path}")
+    return False
+
+
+def _same_pid_namespace(pid: str) -> bool:
+    """Whether process ``pid`` (as /proc shows it) is in our PID namespace. The pid in a
+    container's name is only meaningful there: a run inside another PID namespace (such
+    as ``make test-fresh``'s) has names whose pids say nothing about ours."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return False
+
+
 def cleanup_orphans(tag: str = "siot") -> None:
-    """Containers, namespaces, overlays and directories of earlier runs whose test process
+    """Containers, namespaces, mounts and directories of earlier runs whose test process
     is gone (SIGKILLed): their names carry that process's pid."""
     name_re = re.compile(rf"^{re.escape(tag)}(\d+)-[ab]$")
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+        if not proc.name.isdigit() or not _same_pid_namespace(proc.name):
             continue
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
@@ -376,15 +427,16 @@ def cleanup_orphans(tag: str = "siot") -> None:
         m = re.match(rf"^secureiod-{re.escape(tag)}(\d+)-", entry.name)
         if not m or _pid_alive(int(m.group(1))):
             continue
-        mounted = False
-        for side in ("a", "b"):
-            root = entry / side / "root"
-            if os.path.ismount(root):
-                for args in (["umount", str(root)], ["umount", "-l", str(root)]):
-                    if subprocess.run(args, capture_output=True, timeout=30).returncode == 0:
-                        break
-                mounted = mounted or os.path.ismount(root)
-        if not mounted:
+        # Innermost first: each container's overlay, then the tmpfs under it.
+        mounted = [
+            path
+            for side in ("a", "b")
+            for path in (entry / side / "root", entry / side / "layers")
+            if os.path.ismount(path)
+        ]
+        # all() stops at the first failure: never unmount a tmpfs under a live overlay,
+        # nor delete a directory through a mount.
+        if all(_unmount(path) for path in mounted):
             shutil.rmtree(entry, ignore_errors=True)
 
 
