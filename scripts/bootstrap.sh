@@ -23,6 +23,9 @@ set -euo pipefail
 #   packaging/tests                    debootstrap, systemd-nspawn (systemd-container),
 #                                      systemd-analyze (systemd), lintian; https mirrors
 #                                      for debootstrap (ca-certificates)
+#   tests/test_metrics.py              promtool (prometheus; its server is kept from
+#                                      starting and left disabled: a test tool must not
+#                                      leave a listener on :9090 behind)
 APT_PACKAGES="python3-venv python3-dev python3-pip gcc pkg-config libsystemd-dev
 libsodium23 libsodium-dev
 iproute2 iperf3 nftables procps iputils-ping kmod openssh-client util-linux mount
@@ -54,7 +57,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
     log "installing apt packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "${missing[@]}"
+    # Debian starts the daemons it installs; none of ours should run (policy-rc.d(8)).
+    policy=/usr/sbin/policy-rc.d
+    ours=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && ours=1
+    fi
+    status=0
+    apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "${missing[@]}" || status=$?
+    [ "$ours" = 1 ] && rm -f "$policy"
+    [ "$status" = 0 ] || exit "$status"
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
 fi
 
 # --- virtualenv ----------------------------------------------------------------
