@@ -127,7 +127,7 @@ chmod -R u+rwX,go+rX,go-w "$STAGE$PREFIX"
 # --- everything else -------------------------------------------------------------------
 install -d -m 0755 "$STAGE/usr/bin" "$STAGE/lib/systemd/system" \
     "$STAGE/usr/share/doc/$PKG/examples" "$STAGE/usr/share/man/man8" \
-    "$STAGE/usr/share/lintian/overrides"
+    "$STAGE/usr/share/lintian/overrides" "$STAGE/usr/share/bash-completion/completions"
 ln -s "$VENV/bin/secureiod" "$STAGE/usr/bin/secureiod"
 ln -s "$VENV/bin/secureioctl" "$STAGE/usr/bin/secureioctl"
 install -m 0644 "$REPO/packaging/systemd/secureiod@.service" "$STAGE/lib/systemd/system/"
@@ -140,6 +140,8 @@ for page in secureiod.8 secureioctl.8; do
     gzip -9n <"$REPO/packaging/man/$page" >"$STAGE/usr/share/man/man8/$page.gz"
 done
 install -m 0644 "$HERE/lintian-overrides" "$STAGE/usr/share/lintian/overrides/$PKG"
+install -m 0644 "$REPO/packaging/completion/secureioctl" "$REPO/packaging/completion/secureiod" \
+    "$STAGE/usr/share/bash-completion/completions/"
 find "$STAGE/usr/share" -type f -exec chmod 0644 {} +
 
 # The changelog's top entry must be this version.
