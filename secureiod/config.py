@@ -9,9 +9,9 @@ readers:
    right type and range.  They touch nothing outside the file.
 2. **Resolution** (``Config``, ``InterfaceConfig``, ``PeerConfig``): frozen dataclasses holding
    what the daemon actually uses - the loaded ``Identity``, each peer's ``PublicKey`` and PSK
-   bytes, parsed networks - plus the checks that need more than one value at a time (overlapping
-   ``allowed_ips``, duplicate names and keys, IPv6 versus the MTU).  They are hashable and
-   compare by value, so a reload is a plain ``diff_config(old, new)``.
+   bytes, parsed networks - plus the checks that need more than one value at a time (a prefix
+   in two peers' ``allowed_ips``, duplicate names and keys, IPv6 versus the MTU).  They are
+   hashable and compare by value, so a reload is a plain ``diff_config(old, new)``.
 
 Every problem becomes one ``ConfigError`` whose message is a single line of the form
 ``<file>: <field path>: <what is wrong>[; <fix>]`` (for example
@@ -38,7 +38,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, Final, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, ValidationError
 
@@ -54,6 +54,9 @@ from .secureio.identity import (
     parse_public_key,
 )
 from .secureio.negotiation import MIN_PROBE_SIZE
+
+if TYPE_CHECKING:
+    from .netlink import RouteInfo
 
 __all__ = [
     "DEFAULT_KEEPALIVE_TIMEOUT",
@@ -104,11 +107,15 @@ _WEAK_PSK_SIZE: Final = 16
 
 RESTART_INTERFACE_FIELDS: Final = frozenset(
     {"name", "listen", "private_key", "control_socket", "user", "payload_size_limit", "offload"}
+    | {"metrics_listen"}
+    | {"table", "fwmark", "dns"}
 )
 """Interface keys a running daemon cannot change: the TUN device, the UDP socket, the
-identity every peer knows us by, the control socket and the dropped privileges are all set
-up once at start; ``payload_size_limit`` must match the peers' and is baked into every live
-session and the automatic MTU."""
+identity every peer knows us by, the control socket, the metrics listener and the dropped
+privileges are all set up once at start; ``payload_size_limit`` must match the peers' and
+is baked into every live session and the automatic MTU. ``table``, ``fwmark`` and ``dns``
+shape the host's routing rules, the UDP socket's mark and the resolver, set up once at start
+and given back at stop."""
 RELOADABLE_INTERFACE_FIELDS: Final = frozenset(
     {"address", "mtu", "key_update_interval", "keepalive_timeout"}
 )
@@ -127,6 +134,10 @@ _INTERFACE_FIELD_ORDER: Final = (
     "user",
     "payload_size_limit",
     "offload",
+    "metrics_listen",
+    "table",
+    "fwmark",
+    "dns",
 )
 
 
@@ -411,6 +422,26 @@ def _v_listen(value: object) -> SocketAddress:
     return SocketAddress(str(ip), port)
 
 
+def _v_metrics_listen(value: object) -> SocketAddress:
+    """An IP literal and a port, nothing shorter: the metrics tell whoever can connect the
+    peers' names, keys, endpoints and traffic, so which addresses serve them is never
+    implied. A bare port or ``":9586"`` means every address to some readers and loopback
+    to others, and a name may resolve anywhere; both are refused with the two spellings
+    that say which. A wildcard (``0.0.0.0``, ``[::]``) is accepted when written out."""
+    example = '"127.0.0.1:9586" (this host only) or "0.0.0.0:9586" (every IPv4 address)'
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(f"a port alone does not say who may read the metrics; write {example}")
+    text = _expect_str(value, f"a string address:port such as {example}")
+    if re.fullmatch(r":?[0-9]+", text):
+        raise ValueError(f"{_quote(text)} has no address; write {example}")
+    host, port = _parse_host_port(text, example)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{_quote(host)} is not an IP address; write {example}") from None
+    return SocketAddress(str(ip), port)
+
+
 def _v_endpoint(value: object) -> SocketAddress:
     example = '"198.18.0.2:5800" or "[fd00::1]:5800"'
     text = _expect_str(value, f"a string host:port such as {example}")
@@ -429,6 +460,68 @@ def _v_endpoint(value: object) -> SocketAddress:
     return SocketAddress(host, port)
 
 
+TABLE_AUTO: Final = "auto"
+"""``table = "auto"``: the peers' routes in the main table, except default routes, which go
+into a table of their own with rules that keep the daemon's own datagrams out of the
+tunnel (``daemon/policy.py``), as wg-quick does."""
+TABLE_OFF: Final = "off"
+"""``table = "off"``: the daemon installs no routes; the administrator routes."""
+_RT_TABLE_MAIN: Final = 254
+_RT_TABLE_LOCAL: Final = 255
+_MAX_U32: Final = 0xFFFFFFFF
+
+
+def _v_table(value: object) -> int | str:
+    """wg-quick's ``Table``: "auto" (the default), "off", "main" or a table number (every
+    route goes there and no rule is added: the administrator's rules decide)."""
+    expected = f'"auto", "off", "main" or a routing table number 1..{_MAX_U32}'
+    if isinstance(value, str) and value in (TABLE_AUTO, TABLE_OFF):
+        return value
+    if value == "main":
+        return _RT_TABLE_MAIN
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected {expected}, got {_describe(value)}")
+    if value == _RT_TABLE_LOCAL:
+        raise ValueError(f'{value} is the kernel\'s local table; use another number or "auto"')
+    if not 1 <= value <= _MAX_U32:
+        raise ValueError(f"{value} is out of range; use {expected}")
+    return value
+
+
+def _v_fwmark(value: object) -> int:
+    """wg-quick's ``FwMark``: the firewall mark of the daemon's UDP socket."""
+    expected = f'a firewall mark 1..{_MAX_U32} (an integer, or hex text such as "0xca6c")'
+    if isinstance(value, str) and re.fullmatch(r"0[xX][0-9a-fA-F]{1,8}", value):
+        mark = int(value, 16)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mark = value
+    else:
+        raise ValueError(f"expected {expected}, got {_describe(value)}")
+    if mark == 0:
+        raise ValueError("0 is no mark; leave the key out and the daemon picks one when needed")
+    if not 1 <= mark <= _MAX_U32:
+        raise ValueError(f"{value} is out of range; use {expected}")
+    return mark
+
+
+def _v_dns_entry(value: object) -> str:
+    """wg-quick's ``DNS``: server addresses, and names that are search domains."""
+    text = _expect_str(value, 'a DNS server address such as "198.19.0.1" or a search domain')
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    name = text.removesuffix(".")
+    if (
+        name
+        and len(name) <= 253
+        and not re.fullmatch(r"[0-9.]+", name)
+        and all(_HOST_LABEL_RE.fullmatch(part) for part in name.split("."))
+    ):
+        return name
+    raise ValueError(f"{_quote(text)} is neither an IP address nor a search domain")
+
+
 # --- schema --------------------------------------------------------------------------------
 
 _IfName = Annotated[str, PlainValidator(_v_ifname)]
@@ -443,12 +536,16 @@ _Network = Annotated[IPNetwork, PlainValidator(_v_network)]
 _IfAddress = Annotated[IPInterface, PlainValidator(_v_interface_address)]
 _Listen = Annotated[SocketAddress, PlainValidator(_v_listen)]
 _Endpoint = Annotated[SocketAddress, PlainValidator(_v_endpoint)]
+_MetricsListen = Annotated[SocketAddress, PlainValidator(_v_metrics_listen)]
 _PayloadSize = Annotated[
     int, PlainValidator(_int_range(MIN_PROBE_SIZE, DEFAULT_PAYLOAD_SIZE_LIMIT))
 ]
 _Keepalive = Annotated[
     int, PlainValidator(_int_range(1, 65535, zero_hint="; leave the key out to disable it"))
 ]
+_Table = Annotated[int | str, PlainValidator(_v_table)]
+_Fwmark = Annotated[int, PlainValidator(_v_fwmark)]
+_DnsEntry = Annotated[str, PlainValidator(_v_dns_entry)]
 
 
 class _Schema(BaseModel):
@@ -473,6 +570,11 @@ class InterfaceSchema(_Schema):
     user: _UserName | None = None
     payload_size_limit: _PayloadSize | None = None
     offload: StrictBool = True
+    metrics_listen: _MetricsListen | None = None
+    table: _Table = TABLE_AUTO
+    fwmark: _Fwmark | None = None
+    dns: list[_DnsEntry] = Field(default_factory=list)
+    """Off by default: Prometheus metrics over HTTP only when an address is written."""
 
 
 class PeerSchema(_Schema):
@@ -519,6 +621,16 @@ class InterfaceConfig:
     """None: derived per peer from the underlay MTU toward its endpoint."""
     offload: bool
     """Carry whole TCP segments between secureiod peers (TUN TSO; see ``daemon/offload.py``)."""
+    metrics_listen: SocketAddress | None
+    """Where Prometheus metrics are served over HTTP (``daemon/metrics.py``); None: off."""
+    table: int | str = TABLE_AUTO
+    """``TABLE_AUTO``, ``TABLE_OFF`` or a routing table number (254 for "main")."""
+    fwmark: int | None = None
+    """The UDP socket's firewall mark; None: chosen by the daemon when ``table`` is
+    "auto" (the policy table's number), else no mark."""
+    dns: tuple[str, ...] = ()
+    """DNS servers (IP literals) and search domains for this link, set through
+    systemd-resolved while the daemon runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -596,7 +708,8 @@ def _read_config_text(path: Path, shown: str) -> str:
         why = getattr(exc, "strerror", None) or exc
         raise ConfigError(f"{shown}: cannot read the config file: {why}") from None
     try:
-        return data.decode("utf-8")
+        # "utf-8-sig": a byte-order mark in front (Windows Notepad writes one) is not text.
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{shown}: config file is not UTF-8 text (bad byte at offset {exc.start})"
@@ -860,6 +973,10 @@ def _resolve_interface(
         user=schema.user,
         payload_size_limit=schema.payload_size_limit,
         offload=schema.offload,
+        metrics_listen=schema.metrics_listen,
+        table=schema.table,
+        fwmark=schema.fwmark,
+        dns=tuple(schema.dns),
     )
 
 
@@ -1007,60 +1124,36 @@ def _check_public_keys(
 
 
 def _check_allowed_ips(peers: Sequence[PeerSchema], problems: list[_Problem]) -> None:
-    """Each address may route to one peer only.  WireGuard resolves overlaps by longest
-    prefix, which silently hijacks part of one peer's range when another peer's list grows;
-    here an overlap (one network containing the other, or the same network twice) is an
-    error that names both sides."""
+    """One prefix, one peer: the same network on two peers is an error naming both,
+    since which of them got its traffic would depend on the order they were added. Nested
+    prefixes on different peers are fine and resolved by longest prefix, as in WireGuard
+    (an exit peer with 0.0.0.0/0 beside site peers with their own networks), for packets
+    out and for the check of a packet's inner source. A network listed twice in one
+    peer's list is a slip, also refused."""
     labels = _peer_labels([{"name": peer.name} for peer in peers])
-    # (network, peer index, item index); file order breaks ties so the later one is blamed.
-    items: list[tuple[IPNetwork, int, int]] = []
+    owner: dict[IPNetwork, tuple[int, int]] = {}
     for peer_index, peer in enumerate(peers):
         seen: dict[IPNetwork, int] = {}
         for item_index, network in enumerate(peer.allowed_ips):
+            loc = ("peer", peer_index, "allowed_ips", item_index)
             if network in seen:
                 problems.append(
-                    _Problem(
-                        ("peer", peer_index, "allowed_ips", item_index),
-                        f"{network} is listed twice (also allowed_ips[{seen[network]}])",
-                    )
+                    _Problem(loc, f"{network} is listed twice (also allowed_ips[{seen[network]}])")
                 )
                 continue
             seen[network] = item_index
-            items.append((network, peer_index, item_index))
-    # CIDR blocks are either disjoint or nested.  Sorted by start address and then prefix
-    # length, every container comes before what it contains, and the blocks still "open"
-    # (whose end is not yet passed) are exactly those containing the current one.
-    items.sort(key=lambda item: (*_network_sort_key(item[0]), item[1], item[2]))
-    open_blocks: list[tuple[IPNetwork, int, int]] = []
-    blamed: set[tuple[int, int]] = set()
-    for item in items:
-        network = item[0]
-        while open_blocks and not _contains(open_blocks[-1][0], network):
-            open_blocks.pop()
-        other = next((o for o in reversed(open_blocks) if o[1] != item[1]), None)
-        if other is not None:
-            later, earlier = (item, other) if item[1:] > other[1:] else (other, item)
-            if later[1:] in blamed:  # a wide network clashing with many: say it once
-                open_blocks.append(item)
-                continue
-            blamed.add(later[1:])
-            verb = "is also in" if later[0] == earlier[0] else f"overlaps {earlier[0]} in"
-            problems.append(
-                _Problem(
-                    ("peer", later[1], "allowed_ips", later[2]),
-                    f"{later[0]} {verb} {labels[earlier[1]]}.allowed_ips[{earlier[2]}]; "
-                    "each address may be routed to one peer only",
+            first = owner.get(network)
+            if first is not None:
+                problems.append(
+                    _Problem(
+                        loc,
+                        f"{network} is also in {labels[first[0]]}.allowed_ips[{first[1]}]; "
+                        "a prefix is routed to one peer only: remove it from one of them "
+                        "(a narrower or wider prefix is fine, the longest prefix wins)",
+                    )
                 )
-            )
-        open_blocks.append(item)
-
-
-def _contains(outer: IPNetwork, inner: IPNetwork) -> bool:
-    return (
-        outer.version == inner.version
-        and int(outer.network_address) <= int(inner.network_address)
-        and int(inner.broadcast_address) <= int(outer.broadcast_address)
-    )
+                continue
+            owner[network] = (peer_index, item_index)
 
 
 def _check_endpoint_families(
@@ -1178,10 +1271,17 @@ def restart_required(diff: ConfigDiff) -> list[str]:
 # --- --check -------------------------------------------------------------------------------
 
 
-def check_config(path: str | os.PathLike[str]) -> str:
+def check_config(
+    path: str | os.PathLike[str], *, host_routes: Sequence[RouteInfo] | None = None
+) -> str:
     """Load ``path`` and summarise it for ``secureiod --check``: a first line that says the
-    file is usable, then one line for the interface and one per peer (like ``wg show``).
+    file is usable, then one line for the interface and one per peer (like ``wg show``),
+    then one ``warning:`` line for each route that would capture the daemon's own
+    datagrams or a connected prefix of this host (``daemon/capture.py``), judged against
+    ``host_routes`` (default: this host's routing tables, when they can be read).
     Raises ``ConfigError`` exactly as ``load_config`` does."""
+    from .daemon.capture import capture_warnings, read_host_routes
+
     config = load_config(path)
     interface = config.interface
     count = len(config.peers)
@@ -1205,4 +1305,6 @@ def check_config(path: str | os.PathLike[str]) -> str:
         if peer.persistent_keepalive is not None:
             parts.append(f"keepalive {peer.persistent_keepalive}s")
         lines.append(f'  peer "{peer.name}": ' + ", ".join(parts))
+    routes = read_host_routes() if host_routes is None else host_routes
+    lines += [f"  warning: {text}" for text in capture_warnings(config, routes)]
     return "\n".join(lines)

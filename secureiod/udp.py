@@ -18,6 +18,8 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import os
+import pwd
 import socket
 import struct
 import sys
@@ -27,6 +29,7 @@ from typing import Final
 from .endpoint import Address, format_endpoint
 
 __all__ = [
+    "BindError",
     "DEFAULT_BUFFER_SIZE",
     "RECV_BUFFER_SIZE",
     "Address",
@@ -53,6 +56,7 @@ _IPV6_PMTUDISC_DO: Final = getattr(socket, "IPV6_PMTUDISC_DO", 2)
 _IPV6_DONTFRAG: Final = getattr(socket, "IPV6_DONTFRAG", 62)
 _SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)
 _SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)
+_SO_MARK: Final = getattr(socket, "SO_MARK", 36)
 
 _SOL_UDP: Final = 17
 _UDP_SEGMENT: Final = 103  # include/uapi/linux/udp.h: GSO, one sendmsg for many datagrams
@@ -93,6 +97,101 @@ class UdpStats:
     """Counts of the 'other' OSErrors, keyed by errno name, for status output."""
 
 
+class BindError(OSError):
+    """The socket could not be bound; its text is one line naming the address, the reason
+    and, for "address already in use", what holds the port when this host can tell."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+    @classmethod
+    def explain(cls, exc: OSError, address: Address | tuple[str, int]) -> BindError:
+        shown = format_endpoint(address)
+        if exc.errno == errno.EADDRINUSE:
+            holder = udp_port_holder(address[1])
+            held = f" by {holder}" if holder else ""
+            text = (
+                f"cannot listen on {shown}: the address is already in use{held}; stop it "
+                "or choose another port for listen"
+            )
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            text = f"cannot listen on {shown}: no interface of this host has that address"
+        elif exc.errno == errno.EACCES:
+            text = (
+                f"cannot listen on {shown}: permission denied (ports below 1024 need "
+                "CAP_NET_BIND_SERVICE)"
+            )
+        else:
+            text = f"cannot listen on {shown}: {exc.strerror or exc}"
+        return cls(exc.errno or 0, text)
+
+
+_PROC_SCAN_LIMIT: Final = 100_000
+"""File descriptors looked at, at most, to name the process holding a port."""
+
+
+def udp_port_holder(port: int) -> str | None:
+    """Who has a UDP socket on ``port`` in this network namespace: "secureiod (pid 812)",
+    or "a socket of user nobody" when the process cannot be seen; None if unknown.
+
+    From ``/proc/net/udp{,6}`` (the socket's inode and owner) and ``/proc/*/fd`` (which
+    process has that inode open). Only for an error message: bounded and best-effort.
+    """
+    inodes: dict[str, int] = {}
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table, encoding="ascii", errors="replace") as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or ":" not in fields[1]:
+                continue
+            try:
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                uid = int(fields[7])
+            except ValueError:
+                continue
+            if local_port == port and fields[9] != "0":
+                inodes[f"socket:[{fields[9]}]"] = uid
+    if not inodes:
+        return None
+    seen = 0
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        pids = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            seen += 1
+            if seen > _PROC_SCAN_LIMIT:
+                break
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target in inodes:
+                try:
+                    with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                        name = f.read().strip()
+                except OSError:
+                    name = "a process"
+                return f"{name} (pid {pid})"
+        if seen > _PROC_SCAN_LIMIT:
+            break
+    uid = next(iter(inodes.values()))
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = f"uid {uid}"
+    return f"a socket of user {user}"
+
+
 # --- the socket -----------------------------------------------------------------------------
 
 
@@ -110,6 +209,7 @@ class UdpSocket:
         self._logged: set[tuple[str, int]] = set()
         self.gso = False
         """Send runs of equal-size datagrams with one ``sendmsg`` (UDP_SEGMENT)."""
+        self._gso_einval = False
         self.gro = False
         """The kernel may hand over several datagrams of one sender in one read."""
 
@@ -123,6 +223,7 @@ class UdpSocket:
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         reuse_address: bool = False,
         segmentation: bool = False,
+        mark: int | None = None,
     ) -> UdpSocket:
         """Create a socket bound to ``address`` (a sockaddr; port 0 picks a free port).
 
@@ -132,6 +233,9 @@ class UdpSocket:
         ``segmentation`` turns on UDP GSO for ``send_batch`` and GRO for ``recv_batch``
         where the kernel has them: one system call per run of datagrams instead of one per
         datagram, which is most of a busy tunnel's system-call cost.
+        ``mark`` is the firewall mark (``SO_MARK``, needs CAP_NET_ADMIN) of every datagram
+        sent: policy routing keeps marked datagrams out of a full tunnel (wg-quick's
+        ``FwMark``; ``daemon/policy.py``).
         """
         if family is None:
             family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -142,7 +246,19 @@ class UdpSocket:
             _set_buffers(sock, buffer_size)
             if dont_fragment:
                 _set_dont_fragment(sock)
-            sock.bind(address)
+            if mark is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, mark)
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno,
+                        f"setting fwmark {mark:#x} on the UDP socket: "
+                        f"{exc.strerror} (needs CAP_NET_ADMIN)",
+                    ) from None
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise BindError.explain(exc, address) from None
         except BaseException:
             sock.close()
             raise
@@ -267,10 +383,16 @@ class UdpSocket:
                 if result is not SendResult.SENT:
                     failures.append((first, result))
             elif not self._send_segmented(datagrams[i:j], size, address):
+                too_big = False
                 for d in datagrams[i:j]:
                     result = send(d, address)
                     if result is not SendResult.SENT:
                         failures.append((d, result))
+                        too_big = too_big or result is SendResult.TOO_BIG
+                if self._gso_einval and not too_big:
+                    self.gso = False  # EINVAL, and not for the path MTU: no GSO here
+                    logger.info("UDP GSO unavailable; sending datagrams one by one")
+                self._gso_einval = False
             i = j
         return failures
 
@@ -282,7 +404,11 @@ class UdpSocket:
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
-            if exc.errno in (errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO):
+            if exc.errno == errno.EINVAL:
+                # Older kernels also say EINVAL (not EMSGSIZE) for a run above the path MTU:
+                # decided by the one-by-one retry (``send_batch``).
+                self._gso_einval = True
+            elif exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO):
                 self.gso = False  # the kernel or the route does not do UDP GSO: stop trying
                 logger.info("UDP GSO unavailable (%s); sending datagrams one by one", exc)
             return False

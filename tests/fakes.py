@@ -49,7 +49,7 @@ from secureiod.config import Config, load_config
 from secureiod.daemon.loop import Timer
 from secureiod.daemon.ports import Interface, Network, ResolveCallback
 from secureiod.endpoint import Address
-from secureiod.netlink import NetlinkError
+from secureiod.netlink import RT_TABLE_MAIN, NetlinkError, RouteInfo, Rule, default_metric
 from secureiod.secureio.identity import Identity, write_identity
 from secureiod.tun import VNET_HDR_SIZE, TunError, TunStats
 from secureiod.udp import SendResult, UdpStats
@@ -524,6 +524,13 @@ class PathConditions:
     black_hole: bool = False
     """Datagrams over the MTU vanish silently (no ICMP reached the sender, so its kernel
     does not know the MTU: ``send_batch`` says SENT and ``route_get`` says 1500)."""
+    icmp_delay: float | None = None
+    """For an ``mtu`` that is not a ``black_hole``. None: the sender's kernel knows the path
+    MTU already (a larger send fails with EMSGSIZE at once). A number: as on a real path, a
+    larger datagram is lost at the narrow hop, whose ICMP teaches the sender's kernel the
+    MTU this many seconds later; from then on ``route_get`` says so and larger sends fail
+    with EMSGSIZE, until ``pmtu_expires`` seconds later (``net.ipv4.route.mtu_expires``)."""
+    pmtu_expires: float = 600.0
     down: bool = False
     """The path is cut: everything sent is lost."""
     drop: Callable[[WireDatagram], bool] | None = None
@@ -553,6 +560,8 @@ class WireStats:
     reordered: int = 0
     too_big: int = 0
     black_holed: int = 0
+    icmp_too_big: int = 0
+    """Datagrams lost at a narrow hop that told the sender (``icmp_delay``)."""
     undeliverable: int = 0
     """Arrived at an address no socket is bound to (any more)."""
     queue_full: int = 0
@@ -584,6 +593,9 @@ class InMemoryWire:
         self._rngs: dict[tuple[str, str], random.Random] = {}
         self._sockets: dict[Address, FakeUdp] = {}
         self._in_flight: list[tuple[float, int, WireDatagram]] = []
+        self._learned: dict[tuple[str, str], tuple[int, float, float]] = {}
+        """(src IP, dst IP) -> (path MTU, known from, forgotten at): each sender kernel's
+        path MTU cache, fed by ``icmp_delay`` paths."""
         self._seq = itertools.count()
 
     # -- configuration -------------------------------------------------------------------
@@ -657,7 +669,17 @@ class InMemoryWire:
     def route_mtu(self, src_ip: str, dst_ip: str) -> int:
         """What the sender's kernel believes the MTU toward ``dst_ip`` is."""
         path = self.path(src_ip, dst_ip)
-        return self.default.mtu if path.black_hole else path.mtu
+        if path.black_hole:
+            return self.default.mtu
+        if path.icmp_delay is not None:
+            return self._known_mtu(src_ip, dst_ip)
+        return path.mtu
+
+    def _known_mtu(self, src_ip: str, dst_ip: str) -> int:
+        learned = self._learned.get((str(_ip(src_ip)), str(_ip(dst_ip))))
+        if learned is not None and learned[1] <= self.clock.now < learned[2]:
+            return learned[0]
+        return self.default.mtu
 
     # -- traffic -------------------------------------------------------------------------
 
@@ -671,11 +693,35 @@ class InMemoryWire:
             sock.note_error("ENETUNREACH")
             return SendResult.ERROR
         path = self.path(sock.address[0], dst[0])
-        if len(data) > path.max_datagram(family) and not path.black_hole:
-            self.stats.too_big += 1
-            return SendResult.TOO_BIG
+        if not path.black_hole:
+            mtu = path.mtu if path.icmp_delay is None else self._known_mtu(sock.address[0], dst[0])
+            overhead = UDP6_OVERHEAD if family == socket.AF_INET6 else UDP4_OVERHEAD
+            if len(data) > mtu - overhead:
+                self.stats.too_big += 1
+                return SendResult.TOO_BIG
         self._launch(WireDatagram(self.clock.now, sock.address, dst, data), path)
         return SendResult.SENT
+
+    def send_run(self, sock: FakeUdp, run: list[bytes], dst: Address) -> bool:
+        """A UDP GSO super-packet (its first datagram is the largest): False when the
+        sender's kernel refuses it (the caller retries one by one, as ``UdpSocket`` does);
+        at a black hole too small for it, every datagram of it is lost."""
+        family = _family_of(dst)
+        if family != sock.family or not _in_underlay(dst[0]):
+            return False
+        path = self.path(sock.address[0], dst[0])
+        if path.black_hole and len(run[0]) > path.max_datagram(family):
+            for data in run:
+                self._notify(WireDatagram(self.clock.now, sock.address, dst, data))
+                self.stats.sent += 1
+                self.stats.black_holed += 1
+                self.stats.lost += 1
+            return True
+        if any(self.send(sock, data, dst) is not SendResult.SENT for data in run[:1]):
+            return False
+        for data in run[1:]:
+            self._launch(WireDatagram(self.clock.now, sock.address, dst, data), path)
+        return True
 
     def inject(
         self, src: Address, dst: Address, data: bytes, *, delay: float | None = None
@@ -704,6 +750,16 @@ class InMemoryWire:
         if path.black_hole and len(dg.data) > path.max_datagram(family):
             self.stats.black_holed += 1
             self.stats.lost += 1
+            return
+        if path.icmp_delay is not None and len(dg.data) > path.max_datagram(family):
+            self.stats.icmp_too_big += 1
+            self.stats.lost += 1
+            key = (str(_ip(dg.src[0])), str(_ip(dg.dst[0])))
+            known = dg.time + path.icmp_delay
+            old = self._learned.get(key)
+            if old is not None and old[0] == path.mtu and old[2] > dg.time:
+                known = min(known, old[1])
+            self._learned[key] = (path.mtu, known, dg.time + path.icmp_delay + path.pmtu_expires)
             return
         if path.down or r_loss < path.loss or (path.drop is not None and path.drop(dg)):
             self.stats.lost += 1
@@ -842,11 +898,29 @@ class FakeUdp:
     def send_batch(
         self, datagrams: Sequence[bytes], address: Address
     ) -> list[tuple[bytes, SendResult]]:
+        """With ``gso`` set, runs are grouped as ``UdpSocket.send_batch`` groups them (equal
+        sizes plus one shorter tail) and travel as one super-packet (``InMemoryWire.
+        send_run``): refused whole, retried one by one, or lost whole at a black hole."""
         failures: list[tuple[bytes, SendResult]] = []
-        for datagram in datagrams:
-            result = self.send(datagram, address)
-            if result is not SendResult.SENT:
-                failures.append((datagram, result))
+        n, i = len(datagrams), 0
+        while i < n:
+            j = i + 1
+            if self.gso:
+                size = len(datagrams[i])
+                while j < n and j - i < 64 and len(datagrams[j]) == size:
+                    j += 1
+                if j < n and j - i < 64 and len(datagrams[j]) < size:
+                    j += 1
+            run = list(datagrams[i:j])
+            if len(run) > 1 and not self.closed and self.wire.send_run(self, run, address):
+                self.stats.tx_datagrams += len(run)
+                self.stats.tx_bytes += sum(len(d) for d in run)
+            else:
+                for datagram in run:
+                    result = self.send(datagram, address)
+                    if result is not SendResult.SENT:
+                        failures.append((datagram, result))
+            i = j
         return failures
 
     def note_error(self, name: str) -> None:
@@ -869,12 +943,21 @@ class FakeUdp:
 
 
 class FakeNetlink:
-    """Satisfies ``NetlinkPort`` and records the state the daemon asked for.
+    """Satisfies ``NetlinkPort`` (and the policy-routing calls of ``daemon/owned.py``) and
+    records the state the daemon asked for.
 
-    ``route_get`` answers from the routes the daemon installed and ``underlay_routes``
-    (longest prefix wins), unless ``route_lookup`` is set (``Sim`` points it at the wire,
-    so the answer is the path MTU the sender's kernel would know). ``fail`` makes an
-    operation raise ``NetlinkError``, as a vanished link or a refusing kernel would.
+    Routes the daemon adds are in ``routes`` (main table: dst -> (dev, mtu)) and ``tables``
+    (other tables); ``host_routes`` are the host's own routes (``add_host_route``), which
+    the daemon must never overwrite or delete: a replace or delete that would is carried
+    out as the kernel would, and the victim is appended to ``clobbered`` for a test to
+    see. ``rule_list`` holds every rule, starting with the kernel's three per family.
+
+    ``route_get`` evaluates the rules in priority order (fwmark and ``not``, suppress_
+    prefixlength) over the tables, longest prefix first; the main table also holds the
+    underlay: ``underlay_routes``, or ``route_lookup`` when set (``Sim`` points it at the
+    wire, so the answer is the path MTU the sender's kernel would know) for the underlay
+    ranges. ``fail`` makes an operation raise ``NetlinkError``, as a vanished link or a
+    refusing kernel would. Connected routes of addresses are not modelled.
     """
 
     OPERATIONS: Final = frozenset(
@@ -882,10 +965,16 @@ class FakeNetlink:
             "set_mtu",
             "set_up",
             "add_address",
+            "create_address",
             "delete_address",
             "replace_route",
+            "add_route",
             "delete_route",
             "route_get",
+            "list_routes",
+            "rules",
+            "add_rule",
+            "delete_rule",
         }
     )
 
@@ -900,8 +989,20 @@ class FakeNetlink:
         self.up: set[str] = set()
         self.addresses: dict[str, list[Interface]] = {}
         self.routes: dict[Network, tuple[str, int | None]] = {}
+        self.tables: dict[int, dict[Network, tuple[str, int | None]]] = {}
+        self.metrics: dict[tuple[int, Network], int] = {}
+        """The metric of each route the daemon added, by (table, dst)."""
         self.route_history: list[tuple[str, Network, int | None]] = []
-        """("replace" | "delete", dst, mtu) in call order."""
+        """("replace" | "add" | "delete", dst, mtu) in call order."""
+        self.host_routes: list[RouteInfo] = []
+        self.clobbered: list[RouteInfo] = []
+        self.rule_list: list[Rule] = [
+            Rule(version, priority, table)
+            for version in (4, 6)
+            for priority, table in ((0, 255), (32766, 254), (32767, 253))
+            if not (version == 6 and table == 253)
+        ]
+        self.rule_history: list[tuple[str, Rule]] = []
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.underlay_routes: dict[Network, tuple[str, int]] = (
             dict(underlay_routes)
@@ -937,6 +1038,37 @@ class FakeNetlink:
                 self._failures[operation] = (message, times - 1)
         raise NetlinkError(message, errno.EPERM)
 
+    # -- the host's own state (what a test sets up before the daemon starts) --
+
+    def add_host_route(self, route: str, **fields: Any) -> RouteInfo:
+        """A route the host had before the daemon: ``add_host_route("default", dev="eth0",
+        gateway="198.18.1.1")``, ``add_host_route("198.18.1.0/24", dev="eth0",
+        proto=2, scope=253)`` (a connected prefix)."""
+        dst = ipaddress.ip_network("0.0.0.0/0" if route == "default" else route)
+        version = fields.pop("version", dst.version)
+        if route == "default" and version == 6:
+            dst = ipaddress.ip_network("::/0")
+        gateway = fields.pop("gateway", None)
+        info = RouteInfo(
+            dst=dst,
+            gateway=ipaddress.ip_address(gateway) if gateway else None,
+            **{"metric": 0 if dst.version == 4 else 1024, "proto": 3, **fields},
+        )
+        self.host_routes.append(info)
+        return info
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """Everything a ``give_back`` must restore, comparable with ``==``."""
+        return (
+            dict(self.routes),
+            {t: dict(r) for t, r in self.tables.items() if r},
+            list(self.host_routes),
+            sorted(self.rule_list, key=lambda r: (r.version, r.priority, r.table)),
+            {n: list(a) for n, a in self.addresses.items() if a},
+        )
+
+    # -- links and addresses --
+
     def set_mtu(self, name: str, mtu: int) -> None:
         self._call("set_mtu", name, mtu)
         self.mtu[name] = int(mtu)
@@ -952,42 +1084,192 @@ class FakeNetlink:
         if iface not in addresses:
             addresses.append(iface)
 
+    def create_address(self, name: str, iface: Interface) -> bool:
+        self._call("create_address", name, iface)
+        addresses = self.addresses.setdefault(name, [])
+        if iface in addresses:
+            return False
+        addresses.append(iface)
+        return True
+
     def delete_address(self, name: str, iface: Interface) -> None:
         self._call("delete_address", name, iface)
         addresses = self.addresses.get(name, [])
         if iface in addresses:
             addresses.remove(iface)
 
-    def replace_route(self, dst: Network, dev: str, mtu: int | None = None) -> None:
+    # -- routes --
+
+    def _installed(self, table: int) -> dict[Network, tuple[str, int | None]]:
+        return self.routes if table == RT_TABLE_MAIN else self.tables.setdefault(table, {})
+
+    def _host_at(self, table: int, net: Network, metric: int | None) -> list[RouteInfo]:
+        return [
+            r
+            for r in self.host_routes
+            if r.table == table and r.dst == net and (metric is None or r.metric == metric)
+        ]
+
+    def replace_route(
+        self,
+        dst: Network,
+        dev: str,
+        mtu: int | None = None,
+        *,
+        table: int = RT_TABLE_MAIN,
+        metric: int | None = None,
+    ) -> None:
         net = ipaddress.ip_network(dst)
         self._call("replace_route", net, dev, mtu)
-        self.routes[net] = (dev, mtu)
+        key_metric = default_metric(net.version) if metric is None else metric
+        for victim in self._host_at(table, net, key_metric):
+            self.host_routes.remove(victim)
+            self.clobbered.append(victim)
+        installed = self._installed(table)
+        if net in installed and self.metrics.get((table, net), key_metric) != key_metric:
+            raise SimError(f"two daemon routes to {net} in table {table} (metrics differ)")
+        installed[net] = (dev, mtu)
+        self.metrics[(table, net)] = key_metric
         self.route_history.append(("replace", net, mtu))
 
-    def delete_route(self, dst: Network, dev: str) -> None:
+    def add_route(
+        self,
+        dst: Network,
+        dev: str,
+        *,
+        table: int = RT_TABLE_MAIN,
+        metric: int | None = None,
+        mtu: int | None = None,
+    ) -> None:
+        net = ipaddress.ip_network(dst)
+        self._call("add_route", net, dev, table, metric)
+        key_metric = default_metric(net.version) if metric is None else metric
+        installed = self._installed(table)
+        if self._host_at(table, net, key_metric) or net in installed:
+            raise NetlinkError(f"add route {net} dev {dev}: File exists", errno.EEXIST)
+        installed[net] = (dev, mtu)
+        self.metrics[(table, net)] = key_metric
+        self.route_history.append(("add", net, mtu))
+
+    def delete_route(
+        self,
+        dst: Network,
+        dev: str,
+        *,
+        table: int = RT_TABLE_MAIN,
+        metric: int | None = None,
+    ) -> None:
         net = ipaddress.ip_network(dst)
         self._call("delete_route", net, dev)
-        if self.routes.get(net, ("",))[0] == dev:
-            del self.routes[net]
+        installed = self._installed(table)
+        if installed.get(net, ("",))[0] == dev and (
+            metric is None or self.metrics.get((table, net)) == metric
+        ):
+            del installed[net]
+            self.metrics.pop((table, net), None)
             self.route_history.append(("delete", net, None))
+            if metric is not None:
+                return
+        for victim in self._host_at(table, net, metric):
+            if victim.dev == dev:
+                self.host_routes.remove(victim)
+                self.clobbered.append(victim)
+                if metric is not None:
+                    return
+
+    def list_routes(self, version: int | None = None, table: int | None = None) -> list[RouteInfo]:
+        self._call("list_routes", version, table)
+        out = [r for r in self.host_routes]
+        for table_id, routes in ((RT_TABLE_MAIN, self.routes), *self.tables.items()):
+            for net, (dev, mtu) in routes.items():
+                metric = self.metrics.get((table_id, net), default_metric(net.version))
+                out.append(RouteInfo(net, table_id, metric, dev, None, "unicast", 4, 0, mtu))
+        return [
+            r
+            for r in out
+            if (version is None or r.dst.version == version) and (table is None or r.table == table)
+        ]
+
+    # -- rules --
+
+    def rules(self, version: int) -> list[Rule]:
+        self._call("rules", version)
+        return sorted((r for r in self.rule_list if r.version == version), key=lambda r: r.priority)
+
+    def add_rule(self, rule: Rule) -> None:
+        self._call("add_rule", rule)
+        if rule in self.rule_list:
+            raise NetlinkError(f"add rule {rule.describe()}: File exists", errno.EEXIST)
+        self.rule_list.append(rule)
+        self.rule_history.append(("add", rule))
+
+    def delete_rule(self, rule: Rule) -> None:
+        self._call("delete_rule", rule)
+        if rule in self.rule_list:
+            self.rule_list.remove(rule)
+            self.rule_history.append(("delete", rule))
+
+    # -- lookups --
 
     def route_get(
-        self, dst_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | str
+        self,
+        dst_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | str,
+        *,
+        mark: int | None = None,
     ) -> tuple[str, int]:
         ip = ipaddress.ip_address(dst_ip)
         self._call("route_get", ip)
+        for rule in sorted(self.rule_list, key=lambda r: r.priority):
+            if rule.version != ip.version or rule.table == 255:
+                continue
+            matches = True
+            if rule.fwmark is not None:
+                mask = 0xFFFFFFFF if rule.fwmask is None else rule.fwmask
+                matches = (mark or 0) & mask == rule.fwmark
+            if rule.invert:
+                matches = not matches
+            if not matches:
+                continue
+            found = self._lookup(rule.table, ip)
+            if found is None:
+                continue
+            prefixlen, answer = found
+            if rule.suppress_prefixlength is not None and prefixlen <= rule.suppress_prefixlength:
+                continue
+            return answer
+        raise NetlinkError(f"look up route to {ip}: Network is unreachable", errno.ENETUNREACH)
+
+    def _lookup(
+        self, table: int, ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> tuple[int, tuple[str, int]] | None:
+        """Longest prefix in ``table``: (prefix length, (device, MTU))."""
         best: tuple[int, tuple[str, int]] | None = None
-        for net, (dev, mtu) in self.routes.items():
-            if (
-                ip.version == net.version
-                and ip in net
-                and (best is None or net.prefixlen > best[0])
-            ):
+        best_key = (-1, 0)
+
+        def consider(net: Network, dev: str, mtu: int | None, metric: int) -> None:
+            nonlocal best, best_key
+            key = (net.prefixlen, -metric)  # longest prefix, then the lowest metric
+            if ip.version == net.version and ip in net and key > best_key:
+                best_key = key
                 best = (net.prefixlen, (dev, mtu or self.mtu.get(dev, 1500)))
-        if best is not None:
-            return best[1]
+
+        for net, (dev, mtu) in self._installed(table).items():
+            consider(net, dev, mtu, self.metrics.get((table, net), default_metric(net.version)))
+        for route in self.host_routes:
+            if route.table == table and route.kind == "unicast" and route.dev is not None:
+                consider(route.dst, route.dev, route.mtu, route.metric)
+        if table != RT_TABLE_MAIN:
+            return best
         if self.route_lookup is not None:
-            return self.route_lookup(str(ip))
+            for net in UNDERLAY_NETS:
+                if (
+                    ip.version == net.version
+                    and ip in net
+                    and (best is None or net.prefixlen > best[0])
+                ):
+                    with contextlib.suppress(NetlinkError):
+                        best = (net.prefixlen, self.route_lookup(str(ip)))
+            return best
         for net, answer in self.underlay_routes.items():
             if (
                 ip.version == net.version
@@ -995,12 +1277,10 @@ class FakeNetlink:
                 and (best is None or net.prefixlen > best[0])
             ):
                 best = (net.prefixlen, answer)
-        if best is None:
-            raise NetlinkError(f"look up route to {ip}: Network is unreachable", errno.ENETUNREACH)
-        return best[1]
+        return best
 
     def route_mtu(self, dst: str) -> int | None:
-        """The MTU metric of the installed route to exactly ``dst`` (a network)."""
+        """The MTU metric of the installed main-table route to exactly ``dst`` (a network)."""
         entry = self.routes.get(ipaddress.ip_network(dst))
         return None if entry is None else entry[1]
 

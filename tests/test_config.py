@@ -484,29 +484,44 @@ def test_ipv4_endpoint_needs_an_ipv4_capable_socket(site: Site) -> None:
     )
 
 
-# --- overlapping allowed_ips ------------------------------------------------------------------
+# --- allowed_ips across peers -------------------------------------------------------------------
 
-_ONE_PEER_ONLY = "each address may be routed to one peer only"
+_ONE_PEER_ONLY = (
+    "a prefix is routed to one peer only: remove it from one of them (a narrower or wider "
+    "prefix is fine, the longest prefix wins)"
+)
 
 
-def test_overlap_later_network_inside_earlier(site: Site) -> None:
+def test_nested_prefixes_on_different_peers_are_fine(site: Site) -> None:
+    """WireGuard's cryptokey routing: longest prefix wins, so a network inside another
+    peer's network is no conflict, whichever comes first in the file."""
     site.write(
         peers=[
             site.peer("b", allowed_ips=["198.19.0.0/24"]),
-            site.peer("c", allowed_ips=["198.19.1.0/24", "198.19.0.3/32"]),
+            site.peer("c", allowed_ips=["198.19.1.0/24", "198.19.0.3/32", "fd00:5ec::/64"]),
+            site.peer("d", allowed_ips=["fd00:5ec::4/128"]),
         ]
     )
-    assert error_of(site.path) == (
-        f'{site.path}: peer "c".allowed_ips[1]: 198.19.0.3/32 overlaps 198.19.0.0/24 in '
-        f'peer "b".allowed_ips[0]; {_ONE_PEER_ONLY}'
+    config = load_config(site.path)
+    assert [str(n) for n in config.peers[1].allowed_ips] == [
+        "198.19.0.3/32",
+        "198.19.1.0/24",
+        "fd00:5ec::/64",
+    ]
+
+
+def test_exit_peer_beside_site_peers(site: Site) -> None:
+    site.write(
+        peers=[
+            site.peer("b", allowed_ips=["0.0.0.0/0", "::/0"]),
+            site.peer("c", allowed_ips=["198.19.5.0/24", "fd00:5ec:5::/64"]),
+            site.peer("d"),
+        ]
     )
-
-
-def test_overlap_later_network_contains_earlier(site: Site) -> None:
-    site.write(peers=[site.peer("b"), site.peer("c", allowed_ips=["fd00:5ec::/64"])])
-    assert error_of(site.path) == (
-        f'{site.path}: peer "c".allowed_ips[0]: fd00:5ec::/64 overlaps fd00:5ec::2/128 in '
-        f'peer "b".allowed_ips[1]; {_ONE_PEER_ONLY}'
+    config = load_config(site.path)
+    assert [p.name for p in config.peers] == ["b", "c", "d"]
+    assert check_config(site.path, host_routes=[]).startswith(
+        f"{site.path}: OK: interface sio0, 3 peers"
     )
 
 
@@ -518,15 +533,27 @@ def test_same_network_in_two_peers(site: Site) -> None:
     )
 
 
-def test_default_route_overlaps_everything_once(site: Site) -> None:
-    site.write(peers=[site.peer("b"), site.peer("c"), site.peer("d", allowed_ips=["0.0.0.0/0"])])
+def test_same_default_route_in_two_peers(site: Site) -> None:
+    site.write(
+        peers=[
+            site.peer("b", allowed_ips=["198.19.0.2/32", "::/0"]),
+            site.peer("c", allowed_ips=["::/0"]),
+        ]
+    )
     with pytest.raises(ConfigError) as info:
         load_config(site.path)
     assert str(info.value) == (
-        f'{site.path}: peer "d".allowed_ips[0]: 0.0.0.0/0 overlaps 198.19.0.2/32 in '
-        f'peer "b".allowed_ips[0]; {_ONE_PEER_ONLY}'
+        f'{site.path}: peer "c".allowed_ips[0]: ::/0 is also in peer "b".allowed_ips[1]; '
+        f"{_ONE_PEER_ONLY}"
     )
     assert len(info.value.problems) == 1
+
+
+def test_a_network_listed_twice_in_one_peer(site: Site) -> None:
+    site.write(peers=[site.peer("b", allowed_ips=["198.19.0.2/32", "198.19.0.2/32"])])
+    assert error_of(site.path) == (
+        f'{site.path}: peer "b".allowed_ips[1]: 198.19.0.2/32 is listed twice (also allowed_ips[0])'
+    )
 
 
 def test_nesting_within_one_peer_and_adjacent_networks_are_fine(site: Site) -> None:
@@ -540,33 +567,36 @@ def test_nesting_within_one_peer_and_adjacent_networks_are_fine(site: Site) -> N
     assert [str(n) for n in config.peers[1].allowed_ips] == ["0.0.0.0/1", "198.19.0.128/25"]
 
 
-def test_overlap_check_agrees_with_brute_force(site: Site) -> None:
-    """The sweep in the checker against the obvious quadratic definition, on random
-    nested and disjoint networks."""
+def test_cross_peer_check_agrees_with_brute_force(site: Site) -> None:
+    """Refused exactly when two peers list the same network, on random nested and
+    disjoint networks."""
     rng = random.Random(5800)
+    refused = accepted = 0
     for _ in range(60):
         networks: dict[str, list[str]] = {"b": [], "c": [], "d": []}
         for name in networks:
             for _ in range(rng.randint(0, 4)):
-                prefix = rng.randint(20, 32)
-                address = (198 << 24) | (19 << 16) | rng.getrandbits(12)
+                prefix = rng.randint(28, 32)
+                address = (198 << 24) | (19 << 16) | rng.getrandbits(6)
                 network = ipaddress.IPv4Network((address, prefix), strict=False)
                 if str(network) not in networks[name]:
                     networks[name].append(str(network))
-        parsed = {n: [ipaddress.ip_network(x) for x in nets] for n, nets in networks.items()}
-        clash = any(
-            a.overlaps(b)
-            for first in parsed
-            for second in parsed
+        same = any(
+            a == b
+            for first in networks
+            for second in networks
             if first < second
-            for a in parsed[first]
-            for b in parsed[second]
+            for a in networks[first]
+            for b in networks[second]
         )
         site.write(peers=[site.peer(n, allowed_ips=nets) for n, nets in networks.items()])
-        if clash:
-            assert "each address may be routed to one peer only" in error_of(site.path)
+        if same:
+            assert _ONE_PEER_ONLY in error_of(site.path)
+            refused += 1
         else:
             load_config(site.path)
+            accepted += 1
+    assert refused and accepted
 
 
 # --- names and keys ---------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """``secureiod``: the daemon's entry point.
 
-Order of work: validate the config (``--check`` stops here) → open the TUN device and
-configure it (addresses, MTU, link up, routes) → bind the UDP socket and the control
-socket → drop privileges if asked, keeping CAP_NET_ADMIN for later MTU and route changes
-→ start one session per peer → tell systemd READY=1 → serve. On SIGTERM: close sessions,
-remove what we created (routes and addresses on a pre-existing device; the device itself
-goes away with its fd), remove the socket, exit 0.
+Order of work: validate the config (``--check`` stops here) → lock the record of what
+this daemon adds to the host and remove what a killed previous instance left there →
+decide where routes go (``daemon/policy.py``; the UDP socket's firewall mark comes from
+it) → open the TUN device and configure it (addresses, MTU, link up, DNS) → bind the UDP
+socket and the control socket → drop privileges if asked, keeping CAP_NET_ADMIN for later
+MTU and route changes → start one session per peer (their routes) → tell systemd READY=1 →
+serve. On SIGTERM: close sessions, give back exactly what we added (routes, rules,
+addresses, DNS; the device itself goes away with its fd), remove the socket, exit 0.
 """
 
 from __future__ import annotations
@@ -20,8 +22,13 @@ from pathlib import Path
 
 from ..config import Config, ConfigError, check_config, load_config, reload_config
 from ..control import ControlError
+from ..daemon.capture import capture_warnings
 from ..daemon.device import Device
+from ..daemon.dns import Resolvectl
+from ..daemon.ledger import Ledger, LedgerError, LedgerFile, record_path
 from ..daemon.loop import EventLoop, SystemClock
+from ..daemon.owned import undo_leftovers
+from ..daemon.policy import RoutingPlan, decide_plan
 from ..endpoint import format_endpoint, resolve_endpoint
 from ..logs import setup_daemon_logging
 from ..netlink import Netlink, NetlinkError
@@ -95,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             control=not args.no_control_socket,
             require_unprivileged=args.require_unprivileged,
         )
-    except (TunError, NetlinkError, ControlError, PrivilegeError, OSError) as exc:
+    except (TunError, NetlinkError, ControlError, PrivilegeError, LedgerError, OSError) as exc:
         logger.error("%s", exc)
         return 1
 
@@ -120,14 +127,22 @@ def _serve(
     require_unprivileged: bool,
 ) -> int:
     iface = config.interface
-    tun = TunDevice.open(iface.name, vnet_hdr=iface.offload)
     netlink = Netlink()
+    ledger: Ledger | None = None
+    try:
+        ledger, plan = _prepare_host(config, netlink)
+        tun = TunDevice.open(iface.name, vnet_hdr=iface.offload)
+    except BaseException:
+        if ledger is not None:
+            ledger.close()
+        netlink.close()
+        raise
     loop = EventLoop()
     device: Device | None = None
     try:
         listen = iface.listen
         family, sockaddr = resolve_endpoint(listen.host, listen.port, passive=True)
-        udp = UdpSocket.bind(sockaddr, family=family, segmentation=True)
+        udp = UdpSocket.bind(sockaddr, family=family, segmentation=True, mark=plan.fwmark)
         notifier = Notifier.from_env()
         device = Device(
             config,
@@ -142,6 +157,7 @@ def _serve(
             config_loader=reload_config,
             watchdog_interval=watchdog_interval() if notifier.enabled else None,
         )
+        device.routes.attach(plan=plan, ledger=ledger, dns=Resolvectl())
         device.configure_interface()
         if user:
             drop_privileges(user)
@@ -163,11 +179,13 @@ def _serve(
         return 0
     finally:
         # Each step on its own: one failing (e.g. a file we may no longer touch after
-        # dropping privileges) must not leave the device or sockets open.
+        # dropping privileges) must not leave the device or sockets open. What we added
+        # goes back whether or not we created the device: policy rules outlive it.
         for step in (
             device.close if device is not None else None,
-            device.give_back if device is not None and tun.preexisted else None,
+            device.give_back if device is not None else None,
             tun.close,
+            ledger.close,
             netlink.close,
             loop.close,
         ):
@@ -177,6 +195,24 @@ def _serve(
                 step()
             except Exception as exc:
                 logger.warning("cleanup: %s", exc)
+
+
+def _prepare_host(config: Config, netlink: Netlink) -> tuple[Ledger, RoutingPlan]:
+    """Before the device exists: lock the record of what this daemon adds (refused while
+    another instance holds it), remove what a killed previous instance recorded, warn of
+    routes that would capture our own datagrams, and decide where routes go."""
+    iface = config.interface
+    store, leftovers = LedgerFile.open(record_path(iface.control_socket, iface.name))
+    ledger = Ledger(store, leftovers)
+    try:
+        undo_leftovers(netlink, leftovers, Resolvectl(), ledger)
+        for text in capture_warnings(config, netlink.list_routes(), same_prefix=False):
+            logger.warning("%s", text)
+        plan = decide_plan(iface, netlink)
+    except BaseException:
+        ledger.close()
+        raise
+    return ledger, plan
 
 
 def _install_signal_handlers(loop: EventLoop, device: Device) -> None:

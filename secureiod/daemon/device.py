@@ -151,7 +151,8 @@ class Device:
         self.resolver.close()
 
     def give_back(self) -> None:
-        """On stop, for a TUN device we did not create: remove our routes and addresses."""
+        """On stop: remove exactly what the daemon added (routes, rules, addresses, DNS);
+        policy rules outlive the TUN device, so this runs whether we created it or not."""
         self.routes.remove_all(self.peers.values())
 
     # -- the loop's hooks --------------------------------------------------------------

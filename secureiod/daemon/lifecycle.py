@@ -38,6 +38,7 @@ from ..secureio.events import (
 from .allowed_ips import AllowedIPs
 from .offload import OffloadCaps
 from .peer import KEEPALIVE_TYPE, NameState, Peer, PeerTiming
+from .pmtu import PathMtu
 from .ports import ClockPort, LoopPort, ResolverPort
 from .routes import Routes
 from .send import SendPath
@@ -100,6 +101,8 @@ class Lifecycle:
         self.udp_family = udp_family
         self.on_status = on_status
         self.log = RateLimitedLog(logger, interval=LOG_INTERVAL)
+        self.pmtu = PathMtu(routes.netlink, loop, send.dirty)
+        send.path_limit = self.pmtu.kernel_limit  # EMSGSIZE: what the kernel will send
 
     # -- peers come and go ---------------------------------------------------------------
 
@@ -309,6 +312,8 @@ class Lifecycle:
                 format_endpoint(ev.old) if ev.old else "(none)",
                 format_endpoint(ev.new),
             )
+            if ev.old is not None:
+                self.pmtu.on_path_changed(peer, ev.new, now)
         elif isinstance(ev, StateChanged):
             logger.info("peer %s: %s → %s", peer.name, ev.old.name, ev.new.name)
             if ev.new == SessionState.ESTABLISHED:
@@ -318,6 +323,7 @@ class Lifecycle:
             self.offload.update(self.peers.values())
         elif isinstance(ev, PayloadSizeNegotiated):
             self.routes.apply_payload_size(peer, ev.size, self.peers.values())
+            self.pmtu.on_payload_size(peer, ev.size, now)
         elif isinstance(ev, KeyRotated):
             if not ev.local and peer.session is not None and peer.session.is_established:
                 peer.last_handshake_wall = self.clock.wall_ns() / 1e9

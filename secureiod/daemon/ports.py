@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from ..endpoint import Address
+from ..netlink import RT_TABLE_MAIN, RouteInfo, Rule
 from ..udp import SendResult
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -61,17 +62,53 @@ class UdpPort(Protocol):
 
 
 class NetlinkPort(Protocol):
-    """Links, addresses and routes (pyroute2 in production). Errors are
-    ``secureiod.netlink.NetlinkError`` with a one-line message."""
+    """Links, addresses, routes and policy-routing rules (pyroute2 in production). Errors
+    are ``secureiod.netlink.NetlinkError`` with a one-line message. The daemon writes
+    routes and rules only through ``daemon/owned.py``, which adds nothing over a route it
+    did not create and removes only what it recorded."""
 
     def set_mtu(self, name: str, mtu: int) -> None: ...
     def set_up(self, name: str) -> None: ...
     def add_address(self, name: str, iface: Interface) -> None: ...
+    def create_address(self, name: str, iface: Interface) -> bool: ...
     def delete_address(self, name: str, iface: Interface) -> None: ...
-    def replace_route(self, dst: Network, dev: str, mtu: int | None = None) -> None: ...
-    def delete_route(self, dst: Network, dev: str) -> None: ...
+    def replace_route(
+        self,
+        dst: Network,
+        dev: str,
+        mtu: int | None = None,
+        *,
+        table: int = RT_TABLE_MAIN,
+        metric: int | None = None,
+    ) -> None: ...
+    def add_route(
+        self,
+        dst: Network,
+        dev: str,
+        *,
+        table: int = RT_TABLE_MAIN,
+        metric: int | None = None,
+        mtu: int | None = None,
+    ) -> None: ...
+    def delete_route(
+        self,
+        dst: Network,
+        dev: str,
+        *,
+        table: int = RT_TABLE_MAIN,
+        metric: int | None = None,
+    ) -> None: ...
+    def list_routes(
+        self, version: int | None = None, table: int | None = None
+    ) -> list[RouteInfo]: ...
+    def rules(self, version: int) -> list[Rule]: ...
+    def add_rule(self, rule: Rule) -> None: ...
+    def delete_rule(self, rule: Rule) -> None: ...
     def route_get(
-        self, dst_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | str
+        self,
+        dst_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | str,
+        *,
+        mark: int | None = None,
     ) -> tuple[str, int]: ...
 
 

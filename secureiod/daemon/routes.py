@@ -1,6 +1,9 @@
 """The interface, its routes and its MTU: what the daemon asks of the kernel (netlink).
 
-Each peer's allowed IPs become routes on the TUN device; the route MTU of a peer's prefixes
+Each peer's allowed IPs become routes on the TUN device, placed and guarded by
+``owned.OwnedNetlink`` (the only netlink this class holds): no route of the host is ever
+replaced, a full tunnel's default routes live in their own table behind policy rules, and
+everything added is recorded and given back at stop; the route MTU of a peer's prefixes
 is its negotiated payload size (what one secureio packet carries without fragments), and
 with ``mtu = "auto"`` the link MTU follows the largest of them so every peer gets what its
 path carries. The payload limit a new session starts from comes from the underlay path MTU
@@ -16,8 +19,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 from ..secureio.constants import PACKET_OVERHEAD
+from .dns import DnsPort
+from .ledger import Ledger
+from .owned import OwnedNetlink
 from .peer import Peer
-from .ports import Interface, NetlinkPort
+from .policy import RoutingPlan
+from .ports import NetlinkPort
 
 if TYPE_CHECKING:
     from ..config import InterfaceConfig, PeerConfig
@@ -40,22 +47,36 @@ def payload_limit_for_mtu(mtu: int, ipv6: bool) -> int:
 
 class Routes:
     def __init__(self, netlink: NetlinkPort, ifname: str, interface: InterfaceConfig) -> None:
-        self.netlink = netlink
+        # Every call below goes through the guard: route writes reach only the daemon's
+        # own routes, and route lookups see the path of the daemon's (marked) datagrams.
+        self.netlink = OwnedNetlink(netlink, ifname, interface)
         self.ifname = ifname
         self.interface = interface
         self.link_mtu: int | None = None
-        self._addresses: list[Interface] = []
+
+    def attach(
+        self,
+        *,
+        plan: RoutingPlan | None = None,
+        ledger: Ledger | None = None,
+        dns: DnsPort | None = None,
+    ) -> None:
+        """Before ``configure_interface``: the routing plan the UDP socket's mark came
+        from, the on-disk record of what is added, and the DNS adapter (see
+        ``OwnedNetlink.attach``)."""
+        self.netlink.attach(plan=plan, ledger=ledger, dns=dns)
 
     def configure_interface(self) -> None:
-        """Addresses, MTU, link up; peer routes are added as peers are."""
+        """Addresses, MTU, link up, DNS; peer routes are added as peers are."""
         iface = self.interface
         mtu = iface.mtu if iface.mtu is not None else IPV6_MIN_MTU
         self.netlink.set_mtu(self.ifname, mtu)
         self.link_mtu = mtu
         for address in iface.address:
             self.netlink.add_address(self.ifname, address)
-            self._addresses.append(address)
         self.netlink.set_up(self.ifname)
+        logger.info("%s: routes: %s", self.ifname, self.netlink.routing_plan().describe())
+        self.netlink.apply_dns()
 
     def payload_limit_for(self, pc: PeerConfig, udp_family: int) -> int:
         """P for a new session with this peer: from the configured override, else from the
@@ -83,10 +104,12 @@ class Routes:
 
     def add_peer(self, peer: Peer) -> None:
         for net in peer.config.allowed_ips:
-            self.netlink.replace_route(net, self.ifname)
+            self.netlink.install(net, peer.name)
 
     def remove_peer(self, peer: Peer, remaining: Iterable[Peer] = ()) -> None:
-        """Its routes go; with ``mtu = "auto"`` the link MTU follows the ``remaining``."""
+        """Its routes go (at the end of the reload, unless a peer of the new config takes
+        a prefix over: ``settle``); with ``mtu = "auto"`` the link MTU follows the
+        ``remaining``."""
         self._remove_routes(peer)
         if self.interface.mtu is None and peer.route_mtu is not None:
             peer.route_mtu = None
@@ -94,10 +117,12 @@ class Routes:
 
     def _remove_routes(self, peer: Peer) -> None:
         for net in peer.config.allowed_ips:
-            try:
-                self.netlink.delete_route(net, self.ifname)
-            except Exception as exc:  # the route may be gone with the link
-                logger.debug("removing route %s: %s", net, exc)
+            self.netlink.release(net)
+
+    def settle(self) -> None:
+        """The end of a reload: routes no peer took back go, and a full tunnel's rules go
+        with its last default route."""
+        self.netlink.settle()
 
     def apply_payload_size(self, peer: Peer, size: int, peers: Iterable[Peer]) -> None:
         """Route MTU for this peer = its payload size; the link MTU follows the largest."""
@@ -105,8 +130,10 @@ class Routes:
         mtu = min(size, fixed) if fixed else size
         if mtu == peer.route_mtu:
             return
+        # The first size is news; a change is logged by ``pmtu`` (one line, rate-limited).
+        level = logging.INFO if peer.route_mtu is None else logging.DEBUG
         peer.route_mtu = mtu
-        logger.info("peer %s: payload size %d, route MTU %d", peer.name, size, mtu)
+        logger.log(level, "peer %s: payload size %d, route MTU %d", peer.name, size, mtu)
         for net in peer.config.allowed_ips:
             route_mtu = max(mtu, IPV6_MIN_MTU) if net.version == 6 else max(mtu, MIN_MTU)
             try:
@@ -136,25 +163,17 @@ class Routes:
         for a in set(old.address) - set(new.address):
             try:
                 self.netlink.delete_address(self.ifname, a)
-                self._addresses.remove(a)
             except Exception as exc:
                 logger.warning("removing address %s: %s", a, exc)
         for a in new.address:
             if a not in old.address:
                 self.netlink.add_address(self.ifname, a)
-                self._addresses.append(a)
         if new.mtu != old.mtu and new.mtu is not None:
             self.netlink.set_mtu(self.ifname, new.mtu)
             self.link_mtu = new.mtu
+        self.settle()  # the last step of every reload (reload.apply_config)
 
     def remove_all(self, peers: Iterable[Peer]) -> None:
-        """On stop, for a TUN device we did not create: give back what we added to it (a
-        device we created goes away with its file descriptor, routes and all)."""
-        for peer in peers:
-            self._remove_routes(peer)
-        for address in self._addresses:
-            try:
-                self.netlink.delete_address(self.ifname, address)
-            except Exception as exc:
-                logger.warning("removing address %s: %s", address, exc)
-        self._addresses.clear()
+        """On stop: give back everything the daemon added (routes, rules, addresses, DNS)
+        and nothing else; a device it created then goes away with its descriptor."""
+        self.netlink.give_back()

@@ -8,6 +8,7 @@ one datagram carries what one wake-up produced for one peer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from ..secureio.errors import PayloadTooBigError
@@ -16,7 +17,7 @@ from ..udp import SendResult
 from .allowed_ips import AllowedIPs
 from .offload import CAP_VNET, MAX_SEGMENT, VNET_HDR_SIZE, VNET_TYPE
 from .peer import DATA_TYPE, Peer
-from .ports import TunPort, UdpPort
+from .ports import Address, TunPort, UdpPort
 
 BATCH: Final = 256
 BUSY_GAP: Final = 0.002
@@ -59,6 +60,9 @@ class SendPath:
         self.dirty = dirty
         self.batch = batch
         self.no_route = 0
+        self.path_limit: Callable[[Address, int, float], int | None] | None = None
+        """(address, refused datagram size, now) -> the largest payload the kernel sends
+        there now: set by the lifecycle (``pmtu.PathMtu.kernel_limit``)."""
 
     def on_tun(self, now: float) -> None:
         lookup = self.router.lookup_destination
@@ -135,7 +139,11 @@ class SendPath:
                     j += 1
                 for datagram, result in send_batch([d for d, _ in out[i:j]], addr):
                     if result is SendResult.TOO_BIG:
-                        s.report_too_big(len(datagram), now)
+                        # The session shrinks its size and sends the messages again.
+                        size = len(datagram)
+                        path_limit = self.path_limit
+                        limit = path_limit(addr, size, now) if path_limit is not None else None
+                        s.report_too_big(size, now, datagram=datagram, path_limit=limit)
                     else:
                         peer.counters.drops["send-failed"] += 1
                 i = j

@@ -153,7 +153,16 @@ class Negotiator:
     def handle_message(self, payload: bytes | memoryview, now: float) -> None:
         """A NEGOTIATION message from the peer. Raises ``MalformedError`` for garbage
         before touching any state, so the caller can count and drop it."""
-        msg = decode_negotiation(payload)
+        self.handle_decoded(decode_negotiation(payload), payload, now)
+
+    def handle_decoded(
+        self,
+        msg: NegotiationControl | NegotiationProbe,
+        payload: bytes | memoryview,
+        now: float,
+    ) -> None:
+        """``handle_message`` for a caller that already decoded ``payload`` (the session
+        decodes once to tell mid-session probe answers from the §8 negotiation's)."""
         self._poll(now)
         if isinstance(msg, NegotiationControl):
             self._on_control(msg)

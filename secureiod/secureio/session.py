@@ -3,8 +3,9 @@
 Shaped like aioquic's ``QuicConnection``: the caller owns the socket and the clock.
 
 * inputs: ``start(now)``, ``receive_datagram(data, addr, now)``, ``write_message(type,
-  payload, now)``, ``flush(now)``, ``handle_timer(now)``, ``report_too_big(size, now)``,
-  ``set_endpoint(addr)``, ``close(now)``;
+  payload, now)``, ``flush(now)``, ``handle_timer(now)``, ``report_too_big(size, now,
+  datagram, path_limit)``, ``report_path_limit(limit, now)``, ``set_endpoint(addr)``,
+  ``close(now)``;
 * outputs: ``datagrams_to_send(now)`` as ``(bytes, addr)`` pairs, ``get_timer()``,
   ``next_event()``, ``endpoint``, ``stats``.
 
@@ -31,6 +32,7 @@ from typing import Final
 from .constants import (
     CONTAINER_HEADER_SIZE,
     DEFAULT_PAYLOAD_SIZE_LIMIT_UDP,
+    FRAGMENT_HEADER_SIZE,
     MESSAGE_FLAG_CONFIDENTIAL,
     MESSAGE_FLAG_FRAGMENTED,
     MESSAGE_HEADER_SIZE,
@@ -51,13 +53,16 @@ from .events import (
     SessionState,
     StateChanged,
 )
+from .fragment import FRAGMENT_HEADER
 from .identity import Identity, PublicKey
 from .keyexchange import KeyExchangeOptions, KeyExchanger, KxOutcome
 from .keys import PskKeys
 from .kx_message import KeyExchangeMessage
 from .negotiation import NegotiationOptions, Negotiator
+from .negotiation_message import SUBTYPE_PING, NegotiationProbe, decode_negotiation
 from .packet import KeyRing, PacketClass, PacketKey, open_packet, open_ring, seal
 from .path import Address, same_path
+from .pmtu import PathMtuOptions, PathMtuStats, PathProber
 from .reassembly import Reassembler, fragment_message
 from .replay import ReplayWindow
 from .wire import MESSAGE_HEADER, MessageType, SessionID, iter_messages
@@ -66,6 +71,11 @@ _KX: Final = MessageType.KEY_EXCHANGE
 _NEG: Final = MessageType.NEGOTIATION
 _CONF: Final = MESSAGE_FLAG_CONFIDENTIAL
 _MAX_EVENTS: Final = 65536
+_U32_AT_65: Final = 65
+"""Where a ping's IterationID sits (PROTOCOL §8.2)."""
+_GO_COVERAGE_WORD: Final = 64
+"""A reference receiver counts fragment coverage in 64-byte words (§9.2): re-split
+fragments start on word boundaries so its count stays exact."""
 _KX_BURST: Final = 20.0
 
 
@@ -91,6 +101,8 @@ class SessionOptions:
     key_exchange: KeyExchangeOptions = field(default_factory=KeyExchangeOptions)
     psk: bytes | None = None
     negotiation: NegotiationOptions = field(default_factory=NegotiationOptions)
+    path_mtu: PathMtuOptions = field(default_factory=PathMtuOptions)
+    """Mid-session path MTU tracking (``pmtu.py``); only with negotiation enabled."""
     enable_fragmentation: bool = False
     accept_unencrypted_fragments: bool = False
     """Reference peers send their fragments in clear/aux packets (§9.1): accepting them
@@ -158,7 +170,13 @@ class Session:
         self._replay = ReplayWindow(opt.replay_window)
         self.state = SessionState.NEW
         self.payload_size = opt.payload_size_limit
-        """E: payloads up to this size go in one packet (negotiated, else P)."""
+        """E: payloads up to this size go in one packet (negotiated, else P; afterwards
+        it follows the path, see ``pmtu.py``)."""
+        self.payload_size_reason = "negotiated"
+        """Why ``payload_size`` has its value: "negotiated", or a ``pmtu.REASON_*``."""
+        self._prober = PathProber(opt.payload_size_limit, opt.path_mtu)
+        self._largest_sent = 0
+        """Largest payload sent in one data datagram since the last confirmation began."""
         self.stats = SessionStats()
         self.last_received: float | None = None
         """When the last authenticated, fresh datagram arrived (for keepalive/dead-peer
@@ -232,6 +250,11 @@ class Session:
         a lost fragment costs its whole chain, so the ratio tells how lossy the path is."""
         r = self._reassembler
         return r.completed, r.expired + r.evictions
+
+    @property
+    def path_mtu_stats(self) -> PathMtuStats:
+        """Mid-session path MTU counters (probes, decreases, increases, re-sent messages)."""
+        return self._prober.stats
 
     @property
     def key_rotations(self) -> tuple[int, int]:
@@ -389,19 +412,71 @@ class Session:
             self._flush_batch(now)
         self._kx.handle_timer(now)
         self._negotiator.handle_timer(now)
+        prober = self._prober
+        if prober.active and prober.handle_timer(now, self._largest_sent):
+            self._largest_sent = 0
         self._after_input(now)
 
-    def report_too_big(self, datagram_size: int, now: float) -> None:
-        """The I/O layer got EMSGSIZE sending a datagram of this size.
+    def report_too_big(
+        self,
+        datagram_size: int,
+        now: float,
+        datagram: bytes | None = None,
+        path_limit: int | None = None,
+    ) -> None:
+        """The I/O layer got EMSGSIZE sending a datagram of ``datagram_size`` bytes.
 
-        A negotiation probe shrinks the probing (§13 item 20) instead of closing; anything
-        else is counted: the caller's MTU is wrong.
+        ``datagram`` (the refused bytes) lets the session send its messages again;
+        ``path_limit`` is the largest payload the local kernel now sends toward the peer
+        (from its path MTU), when the caller read it.
+
+        A §8 negotiation probe shrinks the probing (§13 item 20) instead of closing. Once
+        established, the payload size goes down at once (to ``path_limit``, else to a
+        common plateau, then a search) and the refused messages go out again at the new
+        size: whole when they fit, re-fragmented when fragmentation is on, else dropped and
+        counted as ``send-too-big`` (as they are when ``datagram`` is not given).
         """
-        if self.state == SessionState.NEGOTIATING or self._negotiating_probe_sizes:
-            self._negotiator.report_too_big(datagram_size - PACKET_OVERHEAD, now)
-            self._after_input(now)
+        if self.state in (SessionState.CLOSING, SessionState.CLOSED):
+            return
+        size = datagram_size - PACKET_OVERHEAD
+        messages = self._open_own(datagram) if datagram is not None else None
+        probe = self._refused_probe(messages) if messages is not None else None
+        renegotiating = self.state == SessionState.NEGOTIATING or self._negotiating_probe_sizes
+        prober = self._prober
+        if probe is not None:
+            iteration, is_ping = probe
+            if is_ping and prober.owns(iteration):
+                prober.probe_refused(size, now, path_limit)
+            elif renegotiating:
+                self._negotiator.report_too_big(size, now)
+        elif messages is None:
+            if prober.outstanding(size):
+                prober.probe_refused(size, now, path_limit)
+            elif renegotiating:
+                self._negotiator.report_too_big(size, now)
+            else:
+                prober.data_too_big(size, now, path_limit)
+                self.stats.drop(DropReason.SEND_TOO_BIG)
         else:
-            self.stats.drop(DropReason.SEND_TOO_BIG)
+            prober.data_too_big(size, now, path_limit)
+            self._apply_path_mtu(now)
+            if self.payload_size < size and self.state == SessionState.ESTABLISHED:
+                self._resend(messages, now)
+            else:
+                # The size did not go down (tracking off, or not established): sending the
+                # same bytes again would only be refused again.
+                self.stats.drop(DropReason.SEND_TOO_BIG)
+        self._after_input(now)
+
+    def report_path_limit(self, limit: int, now: float) -> None:
+        """The caller read the local kernel's path MTU toward the peer: at most ``limit``
+        payload bytes fit one datagram. Below the current size it applies at once; above
+        it (a learned path MTU expired, a wider route) the session tries to raise its size.
+        """
+        if self.state != SessionState.ESTABLISHED or self._negotiating_probe_sizes:
+            return
+        self._prober.path_limit(limit, now)
+        self._after_input(now)
 
     def close(self, now: float, reason: str = "closed by application") -> None:
         """Flush what is batched, then stop; nothing is sent to the peer (there is no close
@@ -444,6 +519,10 @@ class Session:
             for t in (self._batch_deadline, self._kx.get_timer(), self._negotiator.get_timer())
             if t is not None
         ]
+        if self._prober.active:
+            t = self._prober.get_timer(self._largest_sent)
+            if t is not None:
+                times.append(t)
         return min(times) if times else None
 
     def next_event(self) -> Event | None:
@@ -479,6 +558,9 @@ class Session:
             if self._kx.retry_now(now):
                 self._needs_update = True
         self._emit(PathChanged(old, addr))
+        if old is not None and self._prober.active and not self._negotiating_probe_sizes:
+            self._prober.path_changed(now)  # a new path: size it from scratch
+            self._needs_update = True
 
     def _accept_datagram(self, size: int, now: float) -> None:
         self._decrypt_failures = 0
@@ -497,14 +579,23 @@ class Session:
                     self._handle_kx(m.payload, now)
                 elif mtype == _NEG:
                     self._needs_update = True
-                    try:
-                        self._negotiator.handle_message(m.payload, now)
-                    except MalformedError:
-                        self.stats.drop(DropReason.NEGOTIATION_MALFORMED)
+                    self._handle_negotiation(m.payload, now)
                 else:
                     self._deliver(mtype, bytes(m.payload))
         except MalformedError:
             self.stats.drop(DropReason.TRUNCATED_MESSAGE)
+
+    def _handle_negotiation(self, payload: memoryview, now: float) -> None:
+        """Answers to our mid-session probes go to the prober; everything else (pings to
+        answer, the §8 negotiation's pongs and controls) to the negotiator."""
+        try:
+            msg = decode_negotiation(payload)
+        except MalformedError:
+            self.stats.drop(DropReason.NEGOTIATION_MALFORMED)
+            return
+        if isinstance(msg, NegotiationProbe) and msg.is_pong and self._prober.on_pong(msg, now):
+            return
+        self._negotiator.handle_decoded(msg, payload, now)
 
     def _handle_kx(self, payload: memoryview, now: float) -> None:
         # Token bucket: anyone can forge a clear key-exchange packet, and each costs an
@@ -546,6 +637,7 @@ class Session:
             SessionState.ESTABLISHED,
         ):
             self._negotiating_probe_sizes = True
+            self._prober.stop()  # the §8 negotiation sizes the path again
             self._negotiator.start(now)
         self._emit(PeerRestarted())
 
@@ -593,6 +685,8 @@ class Session:
         self.stats.tx_messages += 1
         encoded = MESSAGE_HEADER.pack(mtype, size, _CONF) + payload
         if self.options.send_delay <= 0:
+            if size > self._largest_sent:
+                self._largest_sent = size
             self._seal(self._kx.send_key, encoded, now)  # type: ignore[arg-type]
             return
         needed = MESSAGE_HEADER_SIZE + size
@@ -611,11 +705,17 @@ class Session:
         self.flush(now)
         self._chain_id += 1
         key = self._kx.send_key
+        largest = min(self.payload_size, FRAGMENT_HEADER_SIZE + len(payload))
+        if largest > self._largest_sent:
+            self._largest_sent = largest
         for encoded in fragment_message(mtype, payload, self._chain_id, self.payload_size):
             self._seal(key, encoded, now)  # type: ignore[arg-type]
 
     def _flush_batch(self, now: float) -> None:
         batch = self._batch
+        largest = self._batch_size - MESSAGE_HEADER_SIZE
+        if largest > self._largest_sent:
+            self._largest_sent = largest
         self._batch = []
         self._batch_size = 0
         self._batch_deadline = None
@@ -676,7 +776,14 @@ class Session:
                 self._establish(neg.result or self.options.payload_size_limit, now)
         elif self._negotiating_probe_sizes and neg.done:
             self._negotiating_probe_sizes = False
+            self.payload_size_reason = "negotiated"
             self._set_payload_size(neg.result or self.payload_size)
+            if self.options.negotiation.enabled:
+                self._prober.start(self.payload_size, now)
+        prober = self._prober
+        for payload in prober.take_outgoing():
+            self._send_internal(_NEG, payload, now)
+        self._apply_path_mtu(now)
         if self.state == SessionState.ESTABLISHED and self._queued and kx.send_key is not None:
             queued, self._queued = self._queued, deque()
             for mtype, payload in queued:
@@ -685,6 +792,107 @@ class Session:
     def _establish(self, size: int, now: float) -> None:
         self._set_payload_size(size)
         self._set_state(SessionState.ESTABLISHED)
+        if self.options.negotiation.enabled:
+            self._prober.start(size, now)
+
+    # -- path MTU (pmtu.py decides; these apply it) ------------------------------------
+
+    def _apply_path_mtu(self, now: float) -> None:
+        """Take the prober's new size, if it has one. A batch that no longer fits one
+        packet is split now rather than sent at a size the path refuses."""
+        decision = self._prober.take_decision()
+        if decision is None:
+            return
+        size, reason = decision
+        self.payload_size_reason = reason
+        self._set_payload_size(size)
+        if self._batch and self._batch_size > size + MESSAGE_HEADER_SIZE:
+            batch = b"".join(self._batch)
+            self._batch = []
+            self._batch_size = 0
+            self._batch_deadline = None
+            self._resend(batch, now)
+
+    def _open_own(self, datagram: bytes) -> bytes | None:
+        """The messages of a datagram we sealed under the current send key (None for key
+        exchange packets, or after a rotation in between: then nothing is re-sent)."""
+        key = self._kx.send_key
+        if key is None:
+            return None
+        try:
+            return open_packet(datagram, [key], self._pid_mask).messages
+        except (MalformedError, AuthenticationError):
+            return None
+
+    @staticmethod
+    def _refused_probe(messages: bytes) -> tuple[int, bool] | None:
+        """(IterationID, is a ping) when ``messages`` is a negotiation ping or pong: those
+        travel one per packet; None for anything else."""
+        if len(messages) < MESSAGE_HEADER_SIZE:
+            return None
+        mtype, length, _flags = MESSAGE_HEADER.unpack_from(messages)
+        if mtype != _NEG or length < _U32_AT_65 + 4:
+            return None
+        body = MESSAGE_HEADER_SIZE
+        iteration = int.from_bytes(messages[body + _U32_AT_65 : body + _U32_AT_65 + 4], "little")
+        return iteration, messages[body] == SUBTYPE_PING
+
+    def _resend(self, messages: bytes, now: float) -> None:
+        """Send ``messages`` (plaintext of a refused datagram, or a batch) again at the
+        current size, and flush: they were due already."""
+        stats = self.stats
+        pstats = self._prober.stats
+        fragmentation = self.options.enable_fragmentation
+        try:
+            for m in iter_messages(messages):
+                mtype = m.type
+                if mtype in (_KX, _NEG):
+                    continue  # never batched with data; a probe is the prober's business
+                if m.flags & MESSAGE_FLAG_FRAGMENTED:
+                    self._refragment(mtype, m.flags, m.payload, now)
+                elif len(m.payload) <= self.payload_size or fragmentation:
+                    self._send_data(mtype, m.payload, now)
+                    stats.tx_messages -= 1  # counted when it was first written
+                else:
+                    stats.drop(DropReason.SEND_TOO_BIG)
+                    continue
+                pstats.resent_messages += 1
+        except MalformedError:
+            stats.drop(DropReason.SEND_TOO_BIG)
+        self.flush(now)
+
+    def _refragment(self, mtype: int, flags: int, payload: memoryview, now: float) -> None:
+        """One fragment of a chain, split into smaller fragments of the same chain (same
+        ChainID and TotalMessageLength, sub-ranges of its StartPos range): the receiver
+        reassembles by byte range, so the chain completes as if cut this way at first."""
+        room = self.payload_size - FRAGMENT_HEADER_SIZE
+        key = self._kx.send_key
+        if len(payload) <= FRAGMENT_HEADER_SIZE or room <= 0 or key is None:
+            self.stats.drop(DropReason.SEND_TOO_BIG)
+            return
+        chain, start, total = FRAGMENT_HEADER.unpack_from(payload)
+        chunk = payload[FRAGMENT_HEADER_SIZE:]
+        n = len(chunk)
+        if FRAGMENT_HEADER_SIZE + min(n, room) > self._largest_sent:
+            self._largest_sent = FRAGMENT_HEADER_SIZE + min(n, room)
+        pos = 0
+        while pos < n:
+            cut = pos + room
+            if cut < n:
+                aligned = (start + cut) // _GO_COVERAGE_WORD * _GO_COVERAGE_WORD - start
+                if aligned > pos:
+                    cut = aligned
+            else:
+                cut = n
+            piece = chunk[pos:cut]
+            self._seal(
+                key,
+                MESSAGE_HEADER.pack(mtype, FRAGMENT_HEADER_SIZE + len(piece), flags)
+                + FRAGMENT_HEADER.pack(chain, start + pos, total)
+                + piece,
+                now,
+            )
+            pos = cut
 
     def _set_payload_size(self, size: int) -> None:
         self.payload_size = size
@@ -700,6 +908,7 @@ class Session:
         if self.state == SessionState.CLOSED:
             return
         self.close_reason = reason
+        self._prober.stop()
         self._batch = []
         self._batch_deadline = None
         self._queued.clear()
