@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from harness import PORT, PYTHON, Net, Node, poll
+from harness import PORT, PYTHON, Net, Node, _pid_alive, poll
 
 from secureiod.control import DEFAULT_LIMITS, request
 from secureiod.secureio.constants import KX_PACKET_SIZE
@@ -585,16 +585,6 @@ NAME: Final = "peer-b.sio-test.invalid"
 
 
 _NS_DIR: Final = re.compile(r"^sio-(\d+)-\d+$")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager

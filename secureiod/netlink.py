@@ -238,18 +238,7 @@ class Netlink:
 
     def add_address(self, name: str, iface: Interface) -> None:
         """Add ``iface`` (address/prefix) to ``name``; already present is success."""
-        iface = ipaddress.ip_interface(iface)
-        with self._op(f"add address {iface} to {name}"):
-            try:
-                self._ipr.addr(
-                    "add",
-                    index=self._index(name),
-                    address=str(iface.ip),
-                    prefixlen=iface.network.prefixlen,
-                )
-            except _PyrouteError as exc:
-                if exc.code != errno.EEXIST:
-                    raise
+        self.create_address(name, iface)
 
     def create_address(self, name: str, iface: Interface) -> bool:
         """Add ``iface`` to ``name`` unless it is there already; True if this call added
