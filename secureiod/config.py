@@ -33,6 +33,7 @@ import math
 import os
 import pwd
 import re
+import socket
 import stat
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -447,9 +448,13 @@ def _v_endpoint(value: object) -> SocketAddress:
     text = _expect_str(value, f"a string host:port such as {example}")
     host, port = _parse_host_port(text, example)
     try:
-        return SocketAddress(str(ipaddress.ip_address(host)), port)
+        ip = ipaddress.ip_address(host)
     except ValueError:
         pass
+    else:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+            _check_zone(ip, port)
+        return SocketAddress(str(ip), port)
     # getaddrinfo() would accept "198.18.0" as 198.18.0.0: a digits-and-dots name is never
     # meant as a DNS name, so it must be a complete IPv4 address.
     if re.fullmatch(r"[0-9.]+", host):
@@ -458,6 +463,28 @@ def _v_endpoint(value: object) -> SocketAddress:
     if len(name) > 253 or not all(_HOST_LABEL_RE.fullmatch(part) for part in name.split(".")):
         raise ValueError(f"{_quote(host)} is not a valid host name or IP address")
     return SocketAddress(host, port)
+
+
+def _check_zone(ip: ipaddress.IPv6Address, port: int) -> None:
+    """A zone (``fe80::1%eth0``) must name an interface of this host, and only a link-local
+    address takes one: the daemon makes the socket address with the same ``getaddrinfo``
+    call, and a config that passed here must not fail there (at start or on reload)."""
+    try:
+        socket.getaddrinfo(
+            str(ip), port, socket.AF_INET6, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST
+        )
+    except (OSError, UnicodeError):
+        zone = ip.scope_id or ""
+        link_local = ip.is_link_local or (ip.is_multicast and ip.packed[1] & 0x0F == 2)
+        if not link_local:
+            raise ValueError(
+                f"{_quote(str(ip))}: a zone (%{zone}) applies only to link-local addresses "
+                "(fe80::/10); remove it"
+            ) from None
+        raise ValueError(
+            f"{_quote(str(ip))}: there is no interface {_quote(zone)} on this host; name one "
+            "that `ip link` lists, e.g. [fe80::1%eth0]:5800"
+        ) from None
 
 
 TABLE_AUTO: Final = "auto"

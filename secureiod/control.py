@@ -16,7 +16,9 @@ group exists, so an operator in the group can run ``secureioctl`` without root.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -81,16 +83,24 @@ class ControlLimits:
     """Open connections; a new one evicts the one idle the longest."""
     idle_timeout: float = 30.0
     """Seconds a connection may stay without a complete request or reply progress."""
-    requests_per_wakeup: int = 32
-    """Requests served per connection per event-loop wake-up (the rest wait their turn)."""
+    requests_per_wakeup: int = 64
+    """Requests served per event-loop turn over all connections together, one per
+    connection in turn (the rest wait for the next turn)."""
+    turn_budget: float = 0.002
+    """Seconds of request handling per event-loop turn over all connections together:
+    once spent, the loop serves its other descriptors before the next turn."""
+    reload_interval: float = 1.0
+    """Seconds between the starts of two reloads; one asked for sooner waits its turn."""
 
     def __post_init__(self) -> None:
         if min(self.max_request, self.max_depth, self.max_reply, self.max_buffered) < 1:
             raise ValueError("ControlLimits: sizes and depth must be >= 1")
         if self.max_connections < 1 or self.requests_per_wakeup < 1:
             raise ValueError("ControlLimits: max_connections and requests_per_wakeup >= 1")
-        if not self.idle_timeout > 0:
-            raise ValueError("ControlLimits: idle_timeout must be > 0")
+        if not self.idle_timeout > 0 or not self.turn_budget > 0:
+            raise ValueError("ControlLimits: idle_timeout and turn_budget must be > 0")
+        if not self.reload_interval >= 0:
+            raise ValueError("ControlLimits: reload_interval must be >= 0")
 
 
 DEFAULT_LIMITS: Final = ControlLimits()
@@ -130,6 +140,39 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+MAX_NUMBER_DIGITS: Final = 100
+"""Characters in one JSON number: nothing in the protocol needs more, and Python's own
+limit (4300 digits) answers with advice about ``sys.set_int_max_str_digits``."""
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_DIGITS:
+        raise ValueError(f"a number of {len(text)} digits; at most {MAX_NUMBER_DIGITS}")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    if len(text) > MAX_NUMBER_DIGITS:
+        raise ValueError(f"a number of {len(text)} characters; at most {MAX_NUMBER_DIGITS}")
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are all different: ``{"command": "status", "command":
+    "reload"}`` means reload to ``json.loads`` (the last wins) and status to a reader."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {shorten(repr(key), 60)}")
+            seen.add(key)
+    return obj
+
+
 def decode_line(line: bytes, limits: ControlLimits = DEFAULT_LIMITS) -> Any:
     """One protocol line (without its newline) to a Python value; ``ValueError`` with a
     short reason for anything that is not strict, shallow-enough UTF-8 JSON."""
@@ -140,7 +183,13 @@ def decode_line(line: bytes, limits: ControlLimits = DEFAULT_LIMITS) -> Any:
     except UnicodeDecodeError:
         raise ValueError("not UTF-8 text") from None
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(
+            text,
+            parse_constant=_refuse_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            object_pairs_hook=_unique_keys,
+        )
     except RecursionError:  # not reachable after the depth check; never let it escape
         raise ValueError("nested too deep") from None
 
@@ -179,7 +228,7 @@ def _connect(path: Path, sock: socket.socket, deadline: float, timeout: float) -
                 f"{path}: no such control socket; is secureiod running for this interface?"
             ) from None
         except ConnectionRefusedError:
-            raise ControlError(f"{path}: connection refused; secureiod is not running") from None
+            raise ControlError(f"{path}: {_refused_because(path)}") from None
         except PermissionError:
             raise ControlError(
                 f"{path}: permission denied; run as root or as a member of group '{CONTROL_GROUP}'"
@@ -188,6 +237,22 @@ def _connect(path: Path, sock: socket.socket, deadline: float, timeout: float) -
             raise ControlError(f"{path}: no answer within {timeout:g} s") from None
         except OSError as exc:
             raise ControlError(f"{path}: {exc.strerror or exc}") from None
+
+
+def _refused_because(path: Path) -> str:
+    """Why connecting was refused: the path is not a socket at all (a mistyped
+    ``--socket``), or it is one that nobody listens on (the daemon is gone)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = stat.S_IFSOCK
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a control socket; give the socket inside it (IFNAME.sock)"
+    if stat.S_ISREG(mode):
+        return "is a regular file, not a control socket; is this the right path?"
+    if not stat.S_ISSOCK(mode):
+        return "is not a socket; is this the right path?"
+    return "connection refused; secureiod is not running"
 
 
 def _read_reply(path: Path, sock: socket.socket, deadline: float, limits: ControlLimits) -> bytes:

@@ -142,11 +142,14 @@ class Net:
         )
 
     def assert_consistent(self) -> None:
-        """The map names exactly the sessions at their endpoints."""
+        """The map names a session at its endpoint; a session's endpoint is mapped to it,
+        or (after another owner took the address over) to that owner, or to nobody."""
         for name in self.peers:
             endpoint = self.hub(name).endpoint
             if endpoint is not None:
-                assert self.demux.owner_at(endpoint) == name, (name, endpoint)
+                owner = self.demux.owner_at(endpoint)
+                if owner is not None and owner != name:
+                    assert path_key(self.hub(owner).endpoint) == path_key(endpoint)  # type: ignore[arg-type]
         for peer in self.peers.values():
             owner = self.demux.owner_at(peer.address)
             if owner is not None:
@@ -233,7 +236,7 @@ def test_unknown_garbage_is_counted_and_returns_none() -> None:
 
 
 def test_identification_budget_bounds_the_work_and_recovers() -> None:
-    net = established_net(["p1", "p2"], identifications_per_second=5.0)
+    net = established_net(["p1", "p2"], key_checks_per_second=10.0)
     rng = random.Random(4)
     for i in range(200):  # one instant: a flood from random addresses
         assert net.to_hub(rng.randbytes(120), ("203.0.113.1", 10000 + i)) is None
@@ -287,7 +290,8 @@ def test_replayed_key_exchange_from_another_address_is_identified_but_moves_noth
 def test_an_address_taken_over_by_another_peer_keeps_the_map_consistent() -> None:
     """A NAT gives p1's old public address to p2: p2's datagrams arrive from an address the
     map says is p1's. p1's session cannot open them, identification finds p2, p2's session
-    validates the address, and p1 (no longer there) stops sending to it."""
+    validates the address and the map follows. p1 keeps its endpoint (the hub cannot tell
+    this from finding 3's attack) until its own next datagram, from its new address."""
     net = established_net(["p1", "p2", "p3"])
     shared = net.peers["p1"].address
     net.peers["p1"].address = ("198.18.9.20", 7790)  # p1 moved away, quietly
@@ -296,7 +300,7 @@ def test_an_address_taken_over_by_another_peer_keeps_the_map_consistent() -> Non
     assert net.hub_messages["p2"] == [b"p2 from p1's old address"]
     assert net.demux.owner_at(shared) == "p2"
     assert net.hub("p2").endpoint == shared
-    assert net.hub("p1").endpoint is None
+    assert net.hub("p1").endpoint == shared
     assert net.demux.stats.reassigned == 1 and net.demux.stats.path_takeovers == 1
     net.assert_consistent()
     # p1 shows up from its new address and is found again.
@@ -350,11 +354,15 @@ def test_add_replace_remove_and_set_endpoint_keep_the_map() -> None:
     assert replacement.endpoint == ("198.18.5.6", 5556)
     assert demux.owner_at(("198.18.5.5", 5555)) is None
     assert demux.owner_at(("198.18.5.6", 5556)) == "p1"
-    # Told that p2 is where p1 is: one address, one owner.
+    # Told that p2 is where p1 is: the address maps to p2, p1 keeps sending there.
     demux.set_endpoint("p2", ("198.18.5.6", 5556))
-    assert demux.owner_at(("198.18.5.6", 5556)) == "p2" and replacement.endpoint is None
+    assert demux.owner_at(("198.18.5.6", 5556)) == "p2"
+    assert replacement.endpoint == ("198.18.5.6", 5556)
+    # p2 goes: the address is p1's again (its endpoint never left).
     demux.remove("p2")
     assert "p2" not in demux and len(demux) == 1
+    assert demux.owner_at(("198.18.5.6", 5556)) == "p1"
+    demux.set_endpoint("p1", None)
     assert demux.owner_at(("198.18.5.6", 5556)) is None
     with pytest.raises(KeyError):
         demux.set_endpoint("p2", None)
@@ -368,3 +376,178 @@ def test_a_new_session_is_started_on_first_contact_only() -> None:
     assert hub_side.state.name == "NEW"
     net.start()
     assert hub_side.state.name != "NEW"
+
+
+# -- review of issue 10 -----------------------------------------------------------------
+
+
+def test_one_peers_fresh_datagram_from_anothers_address_leaves_that_one_its_endpoint() -> None:
+    """Finding 3: someone holds back a fresh datagram of p2 and sends it from p1's address.
+    p2's session validates the address (any roam looks like that), and the hub used to set
+    p1's endpoint to None: hub -> p1 traffic was dropped until p1's next datagram. Now the
+    address maps to p2 but p1 keeps its endpoint, and p1's next datagram maps it back
+    without spending the identification budget."""
+    net = established_net(["p1", "p2"])
+    p1, p2 = net.peers["p1"], net.peers["p2"]
+    p2.session.write_message(RW, b"held back", net.now)
+    ((held, _),) = p2.session.datagrams_to_send(net.now)
+    assert net.to_hub(held, p1.address) == "p2"
+    net.pump()
+    assert net.hub("p2").endpoint == p1.address
+    assert net.hub("p1").endpoint == p1.address
+    assert net.demux.owner_at(p1.address) == "p2"
+    assert net.demux.stats.path_takeovers == 1
+    net.assert_consistent()
+    net.hub("p1").write_message(RW, b"to p1", net.now)
+    net.pump()
+    assert p1.received[-1:] == [b"to p1"]
+    trials = net.demux.stats.identified_trial
+    net.send("p1", b"p1 speaks")
+    assert net.hub_messages["p1"][-1:] == [b"p1 speaks"]
+    assert net.demux.owner_at(p1.address) == "p1"
+    net.send("p1", b"and again")
+    assert net.hub_messages["p1"][-1:] == [b"and again"]
+    assert net.demux.stats.identified_trial == trials  # the displaced owner was tried first
+    net.assert_consistent()
+    # p2's own next datagram brings it home (found by trial decryption).
+    net.send("p2", b"p2 home")
+    assert net.hub_messages["p2"][-1:] == [b"p2 home"]
+    assert net.hub("p2").endpoint == p2.address
+    assert net.demux.owner_at(p2.address) == "p2" and net.demux.owner_at(p1.address) == "p1"
+    net.assert_consistent()
+
+
+def test_a_replayed_datagram_from_a_displaced_owners_address_reclaims_nothing() -> None:
+    net = established_net(["p1", "p2"])
+    p1, p2 = net.peers["p1"], net.peers["p2"]
+    p1.session.write_message(RW, b"old", net.now)
+    ((old, _),) = p1.session.datagrams_to_send(net.now)
+    net.to_hub(old, p1.address)
+    p2.session.write_message(RW, b"held back", net.now)
+    ((held, _),) = p2.session.datagrams_to_send(net.now)
+    net.to_hub(held, p1.address)
+    assert net.demux.owner_at(p1.address) == "p2"
+    net.to_hub(old, p1.address)  # a replay: p1's session refuses it
+    assert net.demux.owner_at(p1.address) == "p2"
+    assert net.hub("p1").stats.drops["replay"] == 1
+    net.assert_consistent()
+
+
+GARBAGE_SIZES = (0, 1, 7, 35, 36, 52, 1392 + 53 + 1, 8000, 65507)
+
+
+def test_garbage_of_impossible_sizes_costs_no_identification() -> None:
+    """Finding 4: shorter than a packet header plus a message header, or longer than any
+    session's payload limit allows: dropped before any work, without a token."""
+    net = established_net(["p1", "p2"], identifications_per_second=5.0)
+    stats = net.demux.stats
+    spent = stats.signature_checks, stats.key_checks  # the first contacts'
+    rng = random.Random(5)
+    for i, size in enumerate(GARBAGE_SIZES * 10):
+        assert net.to_hub(rng.randbytes(size), ("203.0.113.2", 10000 + i)) is None
+    n = len(GARBAGE_SIZES) * 10
+    assert stats.bad_size == stats.unknown_source == n
+    assert (stats.signature_checks, stats.key_checks) == spent and stats.rate_limited == 0
+
+
+def test_key_exchange_sized_garbage_spends_a_token_only_when_it_names_a_peer() -> None:
+    """Finding 4: a key-exchange-sized datagram first has to open under a fallback key and
+    name a configured peer (about 2 µs per fallback key); only then does it take a token
+    for the Ed25519 check (about 75 µs)."""
+    from secureiod.secureio import KeyExchangeMessage, PacketKey, SessionID, seal
+    from secureiod.secureio.wire import encode_message
+
+    net = established_net(["p1", "p2"], identifications_per_second=5.0)
+    stats = net.demux.stats
+    spent, checks = stats.signature_checks, stats.key_checks
+    rng = random.Random(6)
+    for i in range(1000):
+        assert net.to_hub(rng.randbytes(KX_PACKET_SIZE), ("203.0.113.3", i + 1)) is None
+    assert stats.signature_checks == spent and stats.rate_limited == 0
+    assert stats.key_checks == checks + 1000  # one fallback key (clear) each
+
+    def forged(identity_key: bytes) -> bytes:
+        signer = Identity.from_seed(b"\x66" * 32)
+        msg = KeyExchangeMessage(SessionID(1, 2), identity_key, b"\x09" * 32, 1, False)
+        payload = msg.signed_by(signer).encode()
+        datagram = seal(PacketKey.clear(), 77, encode_message(MessageType.KEY_EXCHANGE, payload, 0))
+        assert len(datagram) == KX_PACKET_SIZE
+        return datagram
+
+    stranger = Identity.from_seed(b"\x77" * 32).public_key.raw
+    identified = stats.identified_kx
+    assert net.to_hub(forged(stranger), EVE) is None
+    assert stats.signature_checks == spent
+    assert net.to_hub(forged(net.peers["p1"].identity.public_key.raw), EVE) is None
+    assert stats.signature_checks == spent + 1 and stats.identified_kx == identified
+
+
+def test_the_cheap_key_exchange_check_has_a_bound_of_its_own() -> None:
+    net = established_net(["p1", "p2"], key_checks_per_second=100.0)
+    net.now += 10.0  # a full bucket
+    spent = net.demux.stats.signature_checks
+    rng = random.Random(8)
+    for i in range(300):
+        net.to_hub(rng.randbytes(KX_PACKET_SIZE), ("203.0.113.4", i + 1))
+    assert net.demux.stats.rate_limited == 200  # one fallback key (clear): 100 a second
+    assert net.demux.stats.signature_checks == spent
+
+
+def test_a_roaming_peer_is_identified_through_a_flood_of_garbage() -> None:
+    """The reviewer's flood: 9,000 datagrams a second from random addresses, of the sizes
+    of /tmp/rv10/atk.py plus the key-exchange size. Before, each one took one of the 500
+    identification tokens a second, so a roaming peer's first datagrams were dropped
+    unexamined (0 of 10 roams in 20 s got through). Now impossible sizes cost nothing,
+    key-exchange-sized garbage no signature check, and the rest a trial of 2 sessions
+    from the cheap-check budget, which the flood does not exhaust."""
+    net = established_net(["p1", "p2"])
+    stats = net.demux.stats
+    spent, trials = stats.signature_checks, stats.identified_trial
+    rng = random.Random(9)
+    sizes = (0, 1, 7, 35, 36, 53, 100, 300, 1400, 1472, 8000, 65507, KX_PACKET_SIZE)
+    roams = 0
+    for i in range(9000 * 5):  # five seconds
+        net.now += 1 / 9000
+        src = (f"203.0.{i % 250}.{i % 199 + 1}", 1024 + i)
+        net.to_hub(rng.randbytes(rng.choice(sizes)), src)
+        if i % 9000 == 4500:
+            roams += 1
+            net.peers["p1"].address = (f"198.18.9.{roams}", 7800)
+            net.send("p1", f"roam {roams}".encode())
+            assert net.hub_messages["p1"][-1:] == [f"roam {roams}".encode()]
+            assert net.hub("p1").endpoint == net.peers["p1"].address
+    assert stats.rate_limited == 0
+    assert stats.signature_checks == spent and stats.identified_trial == trials + roams
+    net.assert_consistent()
+
+
+def test_garbage_that_drains_trial_decryption_cannot_starve_a_roaming_key_exchange() -> None:
+    """Session-sized garbage costs a trial of every session (32 units a datagram at the
+    trial limit) and may exhaust that bucket; a key exchange's cheap check has a bucket of
+    its own, so a peer that restarted somewhere else is still found by its key exchange."""
+    net = established_net(["p1", "p2", "p3", "p4"], key_checks_per_second=200.0)
+    p1 = net.peers["p1"]
+    p1.address = ("198.18.9.40", 7900)
+    p1.session = Session(  # p1 restarted behind a new address
+        p1.identity,
+        HUB_ID.public_key,
+        created_at_ns=1_700_000_000_000_000_000 + 10**9,
+        options=p1.session.options,
+        random=net.rng.randbytes,
+        endpoint=HUB,
+    )
+    rng = random.Random(10)
+    kx_before = net.demux.stats.identified_kx
+    for step in range(300):  # 3 s
+        for k in range(20):  # 2,000 a second, 4 units each: 8,000 units against 200
+            net.to_hub(rng.randbytes(300), ("203.0.113.9", 1024 + step * 20 + k))
+        if step == 100:
+            p1.session.start(net.now)
+        net.run(0.01, step=0.01)
+    stats = net.demux.stats
+    assert stats.rate_limited > 5000
+    assert stats.identified_kx > kx_before
+    assert net.hub("p1").endpoint == p1.address
+    net.send("p1", b"back after the restart")
+    assert net.hub_messages["p1"][-1:] == [b"back after the restart"]
+    net.assert_consistent()

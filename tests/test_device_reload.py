@@ -53,7 +53,8 @@ def test_reload_applies_the_difference_and_keeps_unchanged_sessions(tmp_path: Pa
         ("b",),
     )
     assert result.summary() == (
-        "1 peer added (e), 1 peer removed (d), 1 peer changed (c), 1 unchanged"
+        "1 peer added (e); 1 peer removed (d); 1 peer changed in place (c: allowed_ips); "
+        "1 unchanged"
     )
     # unchanged: the very same session, no new handshake on either side
     assert tunnel.peer("a", "b").session is b_session
@@ -89,7 +90,7 @@ def test_an_unchanged_reload_changes_nothing(tmp_path: Path) -> None:
     sessions = {n: p.session for n, p in tunnel.devices["a"].peers.items()}
     calls = len(tunnel.nodes["a"].netlink.calls)
     result = tunnel.call("a", lambda now: tunnel.devices["a"].reload())
-    assert result.summary() == "no peer changed, 3 unchanged"
+    assert result.summary() == "nothing changed; 3 unchanged"
     assert {n: p.session for n, p in tunnel.devices["a"].peers.items()} == sessions
     assert len(tunnel.nodes["a"].netlink.calls) == calls
 

@@ -183,6 +183,7 @@ def test_garbage_from_many_addresses_is_counted_and_barely_logged(
     caplog.set_level(logging.DEBUG)
     caplog.clear()
     b_addr = ab.nodes["b"].address
+    signature_checks = ab.devices["b"].demux.stats.signature_checks
     for i in range(2000):
         src = (f"198.18.{1 + i // 250}.{i % 250 + 1}", 1024 + i)
         size = KX_PACKET_SIZE if i % 2 else 64 + i % 900
@@ -192,7 +193,9 @@ def test_garbage_from_many_addresses_is_counted_and_barely_logged(
     ab.sim.run_for(0.5)
     status = ab.devices["b"].status()
     assert status["unknown_source"] == 2000  # each one dropped and counted...
-    assert 0 < status["identify_rate_limited"] < 2000  # ...most without even a look
+    # ...with a cheap look only: none of it opens as a key exchange of a configured peer,
+    # so none costs a signature check (or competes with a real peer for one).
+    assert ab.devices["b"].demux.stats.signature_checks == signature_checks
     assert ab.peer("b", "a").endpoint == ab.nodes["a"].address
     ab.round_trip("b", "a")
     lines = [r for r in caplog.records if r.name.startswith("secureiod")]

@@ -31,6 +31,7 @@ from secureiod.secureio import (
 )
 from secureiod.secureio.constants import PACKET_OVERHEAD
 from secureiod.secureio.negotiation import (
+    MIN_PAYLOAD_SIZE,
     REASON_READ_TIMEOUT,
     REASON_TOO_SMALL,
     REASON_TOTAL_TIMEOUT,
@@ -585,3 +586,105 @@ def test_option_validation() -> None:
     with pytest.raises(ValueError):
         Negotiator(100, NegotiationOptions())
     assert Negotiator(100, NegotiationOptions(enabled=False)).result is None
+
+
+# -- a peer's END below the floor (review of issue 10, finding 1) ------------------------
+
+
+@pytest.mark.parametrize("reported", [0, 10, 24, 25, 100, MIN_PAYLOAD_SIZE - 1])
+def test_an_end_below_the_floor_is_no_result_and_our_own_size_stands(reported: int) -> None:
+    """An authenticated peer whose END reported 10 made the daemon fragment with no room
+    after the fragment header (a crash), and 25..100 gave 1-byte fragments. No honest peer
+    reports less than the smallest size §8.3 probes, so such a value is ignored (and
+    flagged for the session to count): E is what our own probing verified."""
+    neg = Negotiator(P, NegotiationOptions())
+    neg.start(0.0)
+    for ping in neg.take_outgoing():
+        neg.handle_message(pong_for(ping), 0.002)
+    neg.handle_timer(0.01)
+    assert neg.local_finished and neg.local_largest == P
+    neg.handle_message(NegotiationControl(reported, end=True).encode(), 0.02)
+    assert neg.done and neg.remote_ignored and neg.end_refused
+    assert neg.result == P
+
+
+def test_an_end_at_the_floor_is_honoured() -> None:
+    """The §8.3 rounds end on 147 on any path below ~615-byte datagrams (the IPv4 minimum
+    of 576 among them), so a reference peer can honestly report it: E follows."""
+    neg = Negotiator(P, NegotiationOptions())
+    neg.start(0.0)
+    for ping in neg.take_outgoing():
+        neg.handle_message(pong_for(ping), 0.002)
+    neg.handle_timer(0.01)
+    neg.handle_message(NegotiationControl(MIN_PAYLOAD_SIZE, end=True).encode(), 0.02)
+    assert neg.done and not neg.remote_ignored and not neg.end_refused
+    assert neg.result == MIN_PAYLOAD_SIZE
+
+
+def test_a_lying_peer_in_a_two_sided_run_leaves_the_honest_side_its_measurement() -> None:
+    sim = make_sim()
+    lying_end = NegotiationControl(10, end=True).encode()
+    honest = sim.b.neg.take_outgoing
+
+    def lying() -> list[bytes]:
+        return [lying_end if p[:1] == b"\x00" else p for p in honest()]
+
+    sim.b.neg.take_outgoing = lying  # type: ignore[method-assign]
+    sim.run()
+    assert sim.a.neg.done and sim.a.neg.remote_ignored
+    assert sim.a.neg.result == P
+
+
+# -- re-negotiation of an established session (review of issue 10, finding 2) -----------
+
+
+def test_a_renegotiation_read_timeout_finishes_with_the_size_in_use() -> None:
+    """After a peer restart an established session sizes the path again. Silence for
+    ``read_timeout`` used to fail it (and the session closed with "negotiation read
+    timeout"): the session works at its current size, so finish with that size and send
+    END, so a restarted peer waiting for one can finish too."""
+    neg = Negotiator(P, NegotiationOptions(read_timeout=10.0), current_size=1200)
+    neg.start(0.0)
+    neg.take_outgoing()
+    neg.handle_timer(10.0)
+    assert neg.failed is None and neg.timed_out == REASON_READ_TIMEOUT
+    assert neg.local_finished and neg.local_largest == 1200
+    assert neg.take_outgoing() == [NegotiationControl(1200, end=True).encode()] * 3
+    neg.handle_message(NegotiationControl(1392, end=True).encode(), 11.0)
+    assert neg.done and neg.result == 1200
+
+
+def test_a_renegotiation_total_timeout_stops_waiting_for_the_peer_end() -> None:
+    neg = Negotiator(P, NegotiationOptions(total_timeout=60.0), current_size=1200)
+    neg.start(0.0)
+    for ping in neg.take_outgoing():
+        neg.handle_message(pong_for(ping), 0.002)
+    neg.handle_timer(0.01)
+    assert neg.local_finished and not neg.peer_finished  # no END from the peer
+    neg.take_outgoing()
+    neg.handle_timer(60.0)
+    assert neg.failed is None and neg.timed_out == REASON_TOTAL_TIMEOUT
+    assert neg.done and neg.result == P  # our verified size; the peer reported nothing
+    assert neg.get_timer() is None and neg.take_outgoing() == []
+
+
+def test_a_renegotiation_total_timeout_while_probing_ends_with_the_best_known() -> None:
+    neg = Negotiator(P, NegotiationOptions(total_timeout=5.0), current_size=1200)
+    neg.start(0.0)
+    for ping in neg.take_outgoing():
+        if len(ping) <= 977:
+            neg.handle_message(pong_for(ping), 0.002)
+    neg.handle_timer(0.01)  # round 2 goes out and is never answered
+    neg.take_outgoing()
+    neg.handle_timer(5.0)
+    assert neg.failed is None and neg.timed_out == REASON_TOTAL_TIMEOUT
+    assert neg.done and neg.result == 977
+    assert neg.take_outgoing() == [NegotiationControl(977, end=True).encode()] * 3
+
+
+def test_a_first_negotiation_still_fails_on_timeouts() -> None:
+    """Without a size in use there is nothing to keep: the §8 behaviour stands."""
+    neg = Negotiator(P, NegotiationOptions(read_timeout=10.0))
+    neg.start(0.0)
+    neg.handle_timer(10.0)
+    assert neg.failed == REASON_READ_TIMEOUT and neg.timed_out is None

@@ -3,7 +3,9 @@
 In memory, over the wire double: A at ADDR_A, B at ADDR_B, an attacker at EVE. The rule
 under test: a datagram from an address other than the endpoint moves it only if it opened
 under a session key, passed the replay window and is newer than anything accepted, or if
-it carried a signed key exchange that changed the key state.
+it carried a signed key exchange that restarted the remote session, or one that brought a
+new key while no session packet vouches for the path (the handshake, or the peer quiet
+for 15 s). More on replayed key exchanges in ``test_kx_hardening.py``.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def test_roaming_follows_the_first_newer_authenticated_datagram_once() -> None:
 
 def test_roaming_by_key_exchange_alone() -> None:
     """No data flowing: A's next rotation (a key exchange that changes the key state) is
-    enough evidence."""
+    enough evidence, since nothing has been heard from A's old address for a minute."""
     link = established(make_link())
     b = link.b.session
     link.a.address = ROAMED
@@ -174,6 +176,39 @@ def test_roaming_by_key_exchange_alone() -> None:
     assert link.a.messages(RW) == [b"found you"]
     assert len(link.elsewhere) == stray
     assert link.a.session.state == b.state == SessionState.ESTABLISHED
+
+
+def test_a_new_key_does_not_move_a_path_the_peer_is_heard_on() -> None:
+    """While session packets keep coming, a key exchange with a new key is no proof of
+    where the peer is (the key may be an old one this session of ours never saw, captured
+    before it began). A's rotation from a new address changes the keys but not the path;
+    A's next session packet from there moves it (in the daemon: a keepalive within 5 s)."""
+    link = established(make_link())
+    a, b = link.a.session, link.b.session
+    assert a.options.key_exchange.key_update_interval == 60.0
+    for _ in range(11):  # A speaks every 5 s until just before its rotation
+        a.write_message(RW, b"tick", link.now)
+        link.pump()
+        link.run(5.0)
+    assert b.key_rotations[1] == 1
+    link.a.address = ROAMED
+    link.run(6.0)  # A's rotation request comes from ROAMED
+    assert b.key_rotations[1] == 2  # b took A's new key...
+    assert b.endpoint == ADDR_A  # ...but not its address
+    assert path_changes(link.b.events) == []
+    a.write_message(RW, b"here now", link.now)
+    link.pump()
+    link.run(0.1)
+    assert link.b.messages(RW)[-1:] == [b"here now"]
+    assert b.endpoint == ROAMED
+    assert path_changes(link.b.events) == [PathChanged(ADDR_A, ROAMED)]
+    link.run(a.options.key_exchange.retry_interval + 0.1)  # b's answer now reaches A
+    b.write_message(RW, b"found you", link.now)
+    link.pump()
+    link.run(0.1)
+    assert link.a.messages(RW) == [b"found you"]
+    assert a.key_rotations[0] == 2
+    assert a.state == b.state == SessionState.ESTABLISHED
 
 
 def test_late_older_datagram_from_another_address_does_not_move_it() -> None:

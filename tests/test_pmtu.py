@@ -33,7 +33,7 @@ from secureiod.secureio.constants import FRAGMENT_HEADER_SIZE, PACKET_OVERHEAD
 from secureiod.secureio.events import PayloadSizeNegotiated, SessionState
 from secureiod.secureio.fragment import FragmentHeader
 from secureiod.secureio.identity import Identity
-from secureiod.secureio.negotiation import MIN_PROBE_SIZE
+from secureiod.secureio.negotiation import MIN_PAYLOAD_SIZE, MIN_PROBE_SIZE
 from secureiod.secureio.negotiation_message import (
     NegotiationControl,
     NegotiationProbe,
@@ -229,6 +229,27 @@ def test_a_widened_path_is_used_again_at_the_next_raise() -> None:
     path.run(25.0)
     assert path.prober.take_decision() == (1408, REASON_RAISE)
     assert path.prober.get_timer(0) is None  # at the ceiling: no more raises
+
+
+def test_the_prober_never_goes_below_the_floor() -> None:
+    """Review of issue 10, finding 1: E never goes below ``MIN_PAYLOAD_SIZE``, whatever
+    the signals say: kernel limits below it, refusals down to nothing, a tiny path, a
+    start below it, and a path whose every ping is refused."""
+    prober = started()
+    sizes = []
+    for limit in (10, 0, 100, MIN_PAYLOAD_SIZE - 1, None):
+        for refused in (1408, 600, 300, 148, 147, 100, 10):
+            prober.data_too_big(refused, 1.0, limit)
+            sizes.append(prober.size)
+        prober.path_limit(limit or 1, 1.0)
+        sizes.append(prober.size)
+    assert min(sizes) == MIN_PAYLOAD_SIZE
+    path = ScriptedPath(started(), largest_sent=1408, answer=lambda size: size <= 147)
+    path.run(600.0)
+    assert path.prober.size == MIN_PAYLOAD_SIZE
+    low = started(size=10)
+    assert low.size == MIN_PAYLOAD_SIZE
+    assert plateau_below(10) == MIN_PAYLOAD_SIZE
 
 
 def test_foreign_and_late_pongs_are_ignored() -> None:

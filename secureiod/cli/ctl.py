@@ -186,13 +186,19 @@ def _render_peers(result: list[dict[str, Any]]) -> list[str]:
 
 
 def _resolve_state(peer: dict[str, Any]) -> str:
-    """Where resolving a peer's endpoint name stands: ``ok``, ``resolving``, or
-    ``failed: <why>; retry in N s``."""
+    """Where resolving a peer's endpoint name stands: ``ok; again in N s``,
+    ``resolving``, ``failed: <why>; retry in N s``. While the session is established the
+    daemon does not look the name up (the endpoint is proven by the traffic); it does
+    again as soon as the session fails, and that is what is shown then."""
     r = peer.get("resolve") or {}
     state = str(r.get("state", "unknown"))
     if r.get("error"):
         state += f": {r['error']}"
-    if r.get("next_in") is not None and state != "resolving":
+    if state == "resolving":
+        return state
+    if peer.get("established"):
+        state += "; looked up again if the session fails"
+    elif r.get("next_in") is not None:
         state += f"; {'retry' if r.get('error') else 'again'} in {float(r['next_in']):.0f} s"
     return state
 
@@ -256,13 +262,11 @@ def _reload(args: argparse.Namespace) -> int:
 
 
 def _render_reload(result: dict[str, Any]) -> list[str]:
-    lines = [
-        f"{what}: {', '.join(result[what])}"
-        for what in ("added", "removed", "changed")
-        if result.get(what)
-    ]
-    lines.append(f"unchanged: {len(result.get('unchanged', []))} peer(s) kept their sessions")
-    return lines
+    """The daemon's own sentence, the one it logs (``--json`` has the lists)."""
+    summary = result["summary"]
+    if not isinstance(summary, str):
+        raise TypeError("'summary' is not text")
+    return [summary]
 
 
 def _genkey_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,15 +9,24 @@ It shares the loop with the data path, so nothing a control client does may stal
   one receive chunk past it is ever buffered), nesting is bounded before ``json.loads``
   runs, and any malformed request gets a one-line error reply and affects only its own
   connection;
-* at most ``requests_per_wakeup`` requests per connection are served per wake-up: a
-  pipelining client waits for its next turn instead of starving the loop;
+* requests are served in turns: one request per connection in round-robin order, until
+  ``turn_budget`` seconds of handling or ``requests_per_wakeup`` requests over ALL
+  connections are spent; then the loop serves its other descriptors before the next
+  turn. A connection whose complete requests wait for a turn is not read from meanwhile,
+  so 32 pipelining clients cost the data path no more than one;
+* the commands that cost in proportion to the config (``reload``, ``peers``, ``metrics``,
+  ``showconf``) go through a ``CommandGate``: one run at a time, shared by every request
+  that arrived while it was queued, runs spaced by their own cost (so at most about half
+  the loop's time), and reloads at least ``reload_interval`` apart (a reload asked for
+  sooner waits; SIGHUP can share the same gate);
 * connections without a complete request or reply progress for ``idle_timeout`` are
   closed, and at ``max_connections`` a new client evicts the one idle the longest, so a
   fresh ``secureioctl`` is never locked out by clients that hold connections open;
 * a handler that raises anything but ``ControlError`` is a bug: the client gets
   "internal error", the log gets one rate-limited line (no traceback per request).
 
-Only ``LoopPort`` methods are used, so a virtual-time loop can drive it in tests.
+Only ``LoopPort`` methods are used, so a virtual-time loop can drive it in tests; the
+only clock the server reads itself is ``cost_clock``, to measure its own work.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import logging
 import os
 import socket
 import stat
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,9 +58,10 @@ from ..control import (
     shorten,
 )
 from ..logs import RateLimitedLog
+from .gate import CommandGate, GateOutcome
 from .ports import LoopPort, TimerHandle
 
-__all__ = ["ControlServer", "ControlStats", "Handler"]
+__all__ = ["SHARED_COMMANDS", "ControlServer", "ControlStats", "Handler"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +80,9 @@ LISTEN_BACKLOG: Final = 64
 ACCEPT_PAUSE: Final = 1.0
 """Seconds to stop accepting after the process ran out of descriptors (a level-triggered
 listening socket would otherwise wake the loop again at once, forever)."""
+SHARED_COMMANDS: Final = frozenset({"reload", "peers", "metrics", "showconf"})
+"""Commands served through a ``CommandGate`` when asked without arguments: with a
+thousand peers they take 15 to 250 ms each (``status`` stays well under one)."""
 _SEND_FLAGS: Final = getattr(socket, "MSG_NOSIGNAL", 0)
 _JSON_TYPES: Final = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
 
@@ -95,6 +109,14 @@ class ControlStats:
     timed_out: int = 0
     """Connections closed after ``idle_timeout`` without activity."""
     accept_errors: int = 0
+    turns: int = 0
+    """Turns in which requests were served."""
+    turns_cut: int = 0
+    """Turns that ended with requests still waiting (budget or request limit reached)."""
+    shared: int = 0
+    """Requests answered by a shared (gated) run."""
+    longest_turn: float = 0.0
+    """The most seconds one turn spent handling requests (gated runs not included)."""
 
 
 class _Connection:
@@ -107,6 +129,7 @@ class _Connection:
         "out",
         "reading",
         "sock",
+        "waiting",
         "writing",
     )
 
@@ -122,6 +145,8 @@ class _Connection:
         """The client shut down its side: serve what it sent, flush, then close."""
         self.closing = False
         """Close once ``out`` is flushed; read nothing more."""
+        self.waiting = False
+        """A request waits for a shared run; later ones wait for its reply (order)."""
 
 
 class _BadRequest(Exception):
@@ -133,9 +158,15 @@ class ControlServer:
     daemon is refused before it touches anything); ``start`` begins serving.
 
     ``clock`` is the loop's clock; every loop callback already gets ``now``, so the
-    server only keeps it for its owner's convenience and reads no clock of its own.
-    ``commands`` is the command table requests are checked against before ``handler``
-    runs (``secureiod.control.COMMANDS`` by default)."""
+    server only keeps it for its owner's convenience. ``cost_clock`` measures how long
+    handling takes (the turn budget, the spacing of shared runs). ``commands`` is the
+    command table requests are checked against before ``handler`` runs
+    (``secureiod.control.COMMANDS`` by default).
+
+    ``gates`` are the owner's ``CommandGate`` objects for commands of
+    ``SHARED_COMMANDS`` (the device passes its reload gate, which SIGHUP uses too); the
+    server makes its own for the other shared commands in ``commands``, running
+    ``handler``."""
 
     def __init__(
         self,
@@ -146,6 +177,8 @@ class ControlServer:
         clock: Callable[[], float],
         limits: ControlLimits = DEFAULT_LIMITS,
         commands: Mapping[str, ArgumentTypes] = COMMANDS,
+        gates: Mapping[str, CommandGate] | None = None,
+        cost_clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.path = path
         self.limits = limits
@@ -153,10 +186,25 @@ class ControlServer:
         self._handler = handler
         self._loop = loop
         self.clock = clock
+        self._cost_clock = cost_clock
         self._commands = commands
         self._connections: dict[int, _Connection] = {}
-        self._backlog: dict[int, _Connection] = {}
-        self._resume_pending = False
+        self._ready: dict[int, _Connection] = {}
+        """Connections with a complete request to serve, in turn order."""
+        self._turn_pending = False
+        self.gates: dict[str, CommandGate] = dict(gates or {})
+        self._own_gates: list[CommandGate] = []
+        for command in sorted(SHARED_COMMANDS & set(commands)):
+            if command not in self.gates:
+                self.gates[command] = gate = CommandGate(
+                    loop,
+                    functools.partial(self._run_shared, command),
+                    name=f"control {command}",
+                    min_interval=limits.reload_interval if command == "reload" else 0.0,
+                    cost_clock=cost_clock,
+                )
+                self._own_gates.append(gate)
+        self._gate_waiters: dict[str, dict[int, _Connection]] = {}
         self._sweep: TimerHandle | None = None
         self._accept_timer: TimerHandle | None = None
         self._log = RateLimitedLog(logger, interval=30.0, max_keys=64, max_lines=16)
@@ -182,6 +230,9 @@ class ControlServer:
         self._closed = True
         for c in list(self._connections.values()):
             self._close(c)
+        self._gate_waiters.clear()
+        for gate in self._own_gates:
+            gate.close()
         for timer in (self._sweep, self._accept_timer):
             if timer is not None:
                 timer.cancel()
@@ -259,7 +310,7 @@ class ControlServer:
             c.reading = False
 
     def _on_readable(self, c: _Connection, now: float) -> None:
-        if c.fd not in self._connections:
+        if self._connections.get(c.fd) is not c:
             return
         try:
             data = c.sock.recv(RECV_SIZE)
@@ -275,46 +326,134 @@ class ControlServer:
             self._set_reading(c, False)
             if c.inbuf and not c.inbuf.endswith(b"\n"):
                 c.inbuf += b"\n"  # a last request without its newline still counts
-        self._serve(c, now)
+        self._advance(c, now)
 
-    def _serve(self, c: _Connection, now: float) -> None:
-        """Answer up to ``requests_per_wakeup`` complete lines, in order."""
-        limits = self.limits
+    def _advance(self, c: _Connection, now: float) -> None:
+        """After input or a reply: queue the connection for a turn if a complete request
+        waits, else read on, refuse an overlong line, or close after a client's EOF."""
+        if c.closing or c.waiting:
+            self._set_reading(c, False)
+            return
+        limit = self.limits.max_request
         inbuf = c.inbuf
-        for _ in range(limits.requests_per_wakeup):
-            if c.closing:
-                break
-            end = inbuf.find(b"\n", 0, limits.max_request + 1)
-            if end < 0:
-                if len(inbuf) > limits.max_request:
-                    self._refuse_too_large(c)
-                break
-            line = bytes(inbuf[:end])
-            del inbuf[: end + 1]
-            c.last_active = now
-            if not self._queue(c, self._answer(line, now)):
-                return  # dropped as a slow reader
-        backlog = not c.closing and b"\n" in inbuf
-        if backlog:
+        end = inbuf.find(b"\n", 0, limit + 1)
+        if end >= 0:
             self._set_reading(c, False)  # what is buffered first; the socket can wait
-            self._backlog[c.fd] = c
-            if not self._resume_pending:
-                self._resume_pending = True
-                self._loop.call_soon_threadsafe(self._resume)
-        elif not (c.eof or c.closing):
-            self._set_reading(c, True)
+            self._ready[c.fd] = c
+            if not self._turn_pending:
+                self._turn_pending = True
+                self._loop.call_soon_threadsafe(self._turn)
+        elif len(inbuf) > limit:
+            self._refuse_too_large(c)
+            self._flush(c, now)
         elif c.eof:
             c.closing = True
             inbuf.clear()
-        self._flush(c, now)
+            self._flush(c, now)
+        else:
+            self._set_reading(c, True)
 
-    def _resume(self, now: float) -> None:
-        """The next turn of every connection that had more requests buffered."""
-        self._resume_pending = False
-        backlog, self._backlog = self._backlog, {}
-        for c in backlog.values():
-            if c.fd in self._connections:
-                self._serve(c, now)
+    def _turn(self, now: float) -> None:
+        """Serve one request per ready connection, round-robin, until the budget is spent
+        or none is left; what is left waits for the next turn (the next wake-up)."""
+        ready = self._ready
+        if not ready:
+            self._turn_pending = False
+            return
+        # _turn_pending stays True while serving: a connection put back in line must not
+        # schedule another turn of its own; the end of this one decides
+        limits = self.limits
+        clock = self._cost_clock
+        started = clock()
+        deadline = started + limits.turn_budget
+        touched: dict[int, _Connection] = {}
+        for _ in range(limits.requests_per_wakeup):
+            if not ready:
+                break
+            fd = next(iter(ready))
+            c = ready.pop(fd)
+            if self._connections.get(fd) is not c:
+                continue
+            touched[fd] = c
+            if self._serve_one(c, now):
+                self._advance(c, now)  # back in line behind the others, if it has more
+            if clock() >= deadline:
+                break
+        spent = clock() - started
+        stats = self.stats
+        stats.turns += 1
+        stats.longest_turn = max(stats.longest_turn, spent)
+        for fd, c in touched.items():
+            if self._connections.get(fd) is c:
+                self._flush(c, now)
+        if ready:
+            stats.turns_cut += 1
+            self._loop.call_soon_threadsafe(self._turn)
+        else:
+            self._turn_pending = False
+
+    def _serve_one(self, c: _Connection, now: float) -> bool:
+        """Take the first complete request off ``c`` and answer it, or hand it to its
+        gate; False when that closed the connection."""
+        inbuf = c.inbuf
+        end = inbuf.find(b"\n", 0, self.limits.max_request + 1)
+        if end < 0:  # cannot happen: only connections with a complete line are ready
+            return True
+        line = bytes(inbuf[:end])
+        del inbuf[: end + 1]
+        c.last_active = now
+        self.stats.requests += 1
+        try:
+            command, request = self._parse(line)
+        except _BadRequest as exc:
+            self.stats.bad_requests += 1
+            return self._queue(c, self._error(f"bad request: {exc}"))
+        gate = self.gates.get(command)
+        if gate is not None and len(request) == 1:
+            waiters = self._gate_waiters.setdefault(command, {})
+            if not waiters:
+                gate.request(now, functools.partial(self._shared_done, command))
+            waiters[c.fd] = c
+            c.waiting = True
+            return True
+        try:
+            result = self._handler(command, request)
+        except Exception as exc:
+            return self._queue(c, self._failure_reply(command, exc, now))
+        return self._queue(c, self._result_reply(command, result, now))
+
+    def _run_shared(self, command: str, now: float) -> Any:
+        return self._handler(command, {"command": command})
+
+    def _shared_done(self, command: str, outcome: GateOutcome) -> None:
+        """A shared run is over: one reply, encoded once, for every connection that
+        waited for it; each then goes on with its next request."""
+        waiters = self._gate_waiters.pop(command, {})
+        live = [c for fd, c in waiters.items() if self._connections.get(fd) is c]
+        if not live:
+            return
+        now = outcome.now
+        if outcome.error is not None:
+            reply = self._failure_reply(command, outcome.error, now)
+        else:
+            reply = self._result_reply(command, outcome.result, now)
+        self._count_copies(reply, len(live) - 1)
+        self.stats.shared += len(live)
+        for c in live:
+            c.waiting = False
+            c.last_active = now
+            if self._queue(c, reply):
+                self._advance(c, now)
+                if self._connections.get(c.fd) is c:
+                    self._flush(c, now)
+
+    def _count_copies(self, reply: bytes, copies: int) -> None:
+        """The counters of one reply, for the ``copies`` more connections that get it."""
+        if copies <= 0 or reply.startswith(b'{"ok":true'):
+            return
+        self.stats.errors += copies
+        if reply.startswith(b'{"ok":false,"error":"internal error'):
+            self.stats.internal_errors += copies
 
     def _refuse_too_large(self, c: _Connection) -> None:
         self.stats.requests += 1
@@ -329,19 +468,13 @@ class ControlServer:
         self._set_reading(c, False)
         c.out += reply
 
-    def _answer(self, line: bytes, now: float) -> bytes:
-        self.stats.requests += 1
-        try:
-            command, request = self._parse(line)
-        except _BadRequest as exc:
-            self.stats.bad_requests += 1
-            return self._error(f"bad request: {exc}")
-        try:
-            result = self._handler(command, request)
-        except ControlError as exc:
+    def _failure_reply(self, command: str, exc: Exception, now: float) -> bytes:
+        if isinstance(exc, ControlError):
             return self._error(shorten(exc, 1000))
-        except Exception as exc:  # a bug must not kill the daemon; report it to the caller
-            return self._internal_error(command, exc, now)
+        # a bug must not kill the daemon; report it to the caller
+        return self._internal_error(command, exc, now)
+
+    def _result_reply(self, command: str, result: Any, now: float) -> bytes:
         try:
             reply = encode_line({"ok": True, "result": result})
         except (TypeError, ValueError, RecursionError) as exc:
@@ -459,9 +592,14 @@ class ControlServer:
         self._arm_sweep()
 
     def _close(self, c: _Connection) -> None:
-        if self._connections.pop(c.fd, None) is None:
+        if self._connections.get(c.fd) is not c:
             return
-        self._backlog.pop(c.fd, None)
+        del self._connections[c.fd]
+        if self._ready.get(c.fd) is c:
+            del self._ready[c.fd]
+        for waiters in self._gate_waiters.values():
+            if waiters.get(c.fd) is c:
+                del waiters[c.fd]
         # off the loop before the descriptor is closed (its number may be reused at once)
         self._set_reading(c, False)
         if c.writing:

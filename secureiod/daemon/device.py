@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..config import Config
-from ..control import ControlError
+from ..control import DEFAULT_LIMITS, ControlError
 from ..secureio.demux import Demultiplexer
 from .allowed_ips import AllowedIPs
 from .control import ControlServer
+from .gate import CommandGate
 from .lifecycle import Lifecycle
 from .metrics import Metrics
 from .offload import LOSS_CHECK_INTERVAL, OffloadCaps
@@ -98,8 +99,22 @@ class Device:
         )
         # bound before the control socket: a metrics_listen in use then leaves nothing behind
         self.metrics = Metrics(self, config.interface.metrics_listen)
+        # SIGHUP and `secureioctl reload` share one gate: one reload at a time, at most
+        # one a second, requests meanwhile share its result.
+        self.reload_gate = CommandGate(
+            loop,
+            lambda now: self.reload().as_dict(),
+            name="reload",
+            min_interval=DEFAULT_LIMITS.reload_interval,
+        )
         self.control = (
-            ControlServer(control_path, self.handle_command, loop, clock=clock.monotonic)
+            ControlServer(
+                control_path,
+                self.handle_command,
+                loop,
+                clock=clock.monotonic,
+                gates={"reload": self.reload_gate},
+            )
             if control_path is not None
             else None
         )
@@ -199,7 +214,8 @@ class Device:
         return self.reloader.reload(self.clock.monotonic())
 
     def reload_logged(self, now: float) -> None:
-        self.reloader.reload_logged(now)
+        """SIGHUP: through the reload gate; a refusal is logged, never raised."""
+        self.reload_gate.request(now)
 
     def status(self) -> dict[str, Any]:
         return device_status(self, self.clock.monotonic())

@@ -113,7 +113,24 @@ class Lifecycle:
             dead_after=float(iface.keepalive_timeout),
         )
 
+    def endpoint_for(self, pc: PeerConfig) -> Address | None:
+        """The socket address of ``pc``'s endpoint when it is an IP literal (None: no
+        endpoint, or a name that is resolved later). Raises ``OSError`` when the host
+        refuses the address (a zone whose interface is gone): a reload asks before it
+        changes anything, so that such a config is refused as a whole."""
+        if pc.endpoint is None:
+            return None
+        return literal_sockaddr(pc.endpoint.host, pc.endpoint.port, self.udp_family)
+
     def add_peer(self, pc: PeerConfig, now: float) -> Peer:
+        """At start: the peer, its routes and its session."""
+        peer = self.start_peer(pc, self.endpoint_for(pc), now)
+        self.routes.add_peer(peer)
+        return peer
+
+    def start_peer(self, pc: PeerConfig, endpoint: Address | None, now: float) -> Peer:
+        """The peer and its session, with ``endpoint`` from ``endpoint_for``; its kernel
+        routes are the caller's (``add_peer``, or a reload's ``Routes.prepare_reload``)."""
         peer = Peer(
             pc,
             self.config.identity,
@@ -122,23 +139,21 @@ class Lifecycle:
         )
         self.peers[peer.name] = peer
         self.router.insert_all(pc.allowed_ips, peer)
-        self.routes.add_peer(peer)
-        endpoint: Address | None = None
-        if pc.endpoint is not None:
+        if endpoint is None and pc.endpoint is not None:
             host, port = pc.endpoint.host, pc.endpoint.port
-            endpoint = literal_sockaddr(host, port, self.udp_family)
-            if endpoint is None:
-                peer.name_state = NameState(host, port, Backoff(), next_at=now)
+            peer.name_state = NameState(host, port, Backoff(), next_at=now)
         peer._endpoint = endpoint
         self.demux.add(peer, peer.new_session(now, self.clock.wall_ns()))
         self.send.dirty.add(peer)
         return peer
 
     def remove_peer(self, peer: Peer, now: float, reason: str) -> None:
+        """A reload removed or replaced the peer: it and its session stop. Its kernel
+        routes were handed over by ``Routes.prepare_reload`` (they go at the end of the
+        reload unless a peer of the new config took them)."""
         self.peers.pop(peer.name, None)
         self.demux.remove(peer)
         self.router.remove_value(peer)
-        self.routes.remove_peer(peer, self.peers.values())
         if peer.session is not None:
             peer.session.close(now, reason)
         peer.session = None
@@ -149,19 +164,48 @@ class Lifecycle:
         self.offload.update(self.peers.values())
 
     def withdraw_routes(self, peer: Peer) -> None:
-        """First half of an in-place reload change: the peer's prefixes go (all peers'
-        go before any come back, so a prefix can move between two peers)."""
+        """First half of an in-place reload change: the peer leaves the daemon's own
+        routing table (all such peers leave before any comes back, so a prefix can move
+        between two of them). The kernel routes and their MTUs are not touched: the
+        routes were handed over by ``Routes.prepare_reload``, and the session, hence its
+        payload size, stays."""
         self.router.remove_value(peer)
-        self.routes.remove_peer(peer)
 
     def update_in_place(self, peer: Peer, new: PeerConfig) -> None:
         """A reload that changed only what needs no new session (allowed IPs, keepalive):
-        the new prefixes and keepalive take effect, the session and its keys stay."""
+        the new prefixes and keepalive take effect, the session and its keys stay, and a
+        prefix new to this peer gets the route MTU its session negotiated."""
+        old = peer.config
         peer.config = new
         self.router.insert_all(new.allowed_ips, peer)
-        self.routes.add_peer(peer)
+        self.routes.set_route_mtu(peer, [n for n in new.allowed_ips if n not in old.allowed_ips])
         peer.keepalive_interval = float(new.persistent_keepalive or peer.timing.keepalive_interval)
         self.schedule(peer)
+
+    def apply_timing(self, now: float) -> list[str]:
+        """A reload's ``key_update_interval`` and ``keepalive_timeout`` for the running
+        peers; returns the names of those that got a new session.
+
+        The dead-peer check reads the timeout each time, so a new one applies at once. The
+        key-update interval is fixed in a session's options when it starts (the secureio
+        core has no way to change it live), so a new interval gives each running peer a
+        new session: one handshake, as at a restart of this side."""
+        timing = self.timing()
+        restarted = []
+        for peer in list(self.peers.values()):
+            if peer.timing == timing:
+                continue
+            new_interval = peer.timing.key_update_interval != timing.key_update_interval
+            peer.timing = timing
+            peer.keepalive_interval = float(
+                peer.config.persistent_keepalive or timing.keepalive_interval
+            )
+            if new_interval and peer.session is not None:
+                peer.session.close(now, "key_update_interval changed")
+                self.restart(peer, now, "key_update_interval changed")
+                restarted.append(peer.name)
+            self.schedule(peer)
+        return restarted
 
     def restart(self, peer: Peer, now: float, reason: str) -> None:
         peer.counters.restarts += 1

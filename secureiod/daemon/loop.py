@@ -9,6 +9,11 @@ from signal handlers.
 Every callback gets ``now`` (monotonic seconds, read once per wake-up, after the wait),
 so the parts of the daemon never read a clock themselves and tests can drive them with a
 virtual one.
+
+A callback that raises is a bug or an input nobody foresaw; either way it must not take the
+tunnel down with it. The loop counts it (``callback_failures``), logs one rate-limited line
+naming the callback, the exception and where it was raised, and carries on with the next
+callback. A loop that stops serving altogether is systemd's watchdog's business.
 """
 
 from __future__ import annotations
@@ -19,14 +24,21 @@ import logging
 import selectors
 import socket
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
+
+from ..control import shorten
+from ..logs import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[float], None]
 MAX_WAIT: Final = 3600.0
+FAILURE_LOG_INTERVAL: Final = 30.0
+"""Seconds between two log lines about the same failing callback."""
 
 
 class SystemClock:
@@ -68,6 +80,11 @@ class EventLoop:
         self._timers: list[Timer] = []
         self._pending: deque[Callback] = deque()
         self._running = False
+        self.callback_failures = 0
+        """Callbacks that raised (each logged, rate-limited, and survived)."""
+        self._failure_log = RateLimitedLog(
+            logger, interval=FAILURE_LOG_INTERVAL, max_keys=64, max_lines=16
+        )
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -139,7 +156,8 @@ class EventLoop:
     def run(self, after_wakeup: Callback | None = None) -> None:
         """Serve until ``stop``. ``after_wakeup(now)`` runs once after every wake-up's
         callbacks and timers: the daemon flushes what they produced there, so small
-        packets of one wake-up share a datagram."""
+        packets of one wake-up share a datagram. A callback that raises is logged and
+        counted (``callback_failures``); the loop goes on with the next one."""
         self._running = True
         sel = self._selector
         wake_fd = self._wake_r.fileno()
@@ -156,15 +174,42 @@ class EventLoop:
                 if events & selectors.EVENT_READ:
                     cb = readers.get(fd)
                     if cb is not None:
-                        cb(now)
+                        try:
+                            cb(now)
+                        except Exception as exc:
+                            self._failed(cb, exc, now)
                 if events & selectors.EVENT_WRITE:
                     cb = writers.get(fd)
                     if cb is not None:
-                        cb(now)
+                        try:
+                            cb(now)
+                        except Exception as exc:
+                            self._failed(cb, exc, now)
             self._run_pending(now)
             self._run_timers(clock())
             if after_wakeup is not None:
-                after_wakeup(clock())
+                try:
+                    after_wakeup(clock())
+                except Exception as exc:
+                    self._failed(after_wakeup, exc, now)
+
+    def _failed(self, callback: Callable[..., object], exc: Exception, now: float) -> None:
+        """One line per failing callback and exception type per ``FAILURE_LOG_INTERVAL``:
+        what failed and where, never a traceback per packet."""
+        self.callback_failures += 1
+        name = _callback_name(callback)
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+        self._failure_log.log(
+            now,
+            (name, type(exc).__name__, where),
+            logging.ERROR,
+            "event loop: %s failed: %s: %s (at %s); carrying on",
+            name,
+            type(exc).__name__,
+            shorten(exc),
+            where,
+        )
 
     def _timeout(self, now: float) -> float:
         if self._pending:
@@ -186,7 +231,11 @@ class EventLoop:
             return
         pending = self._pending
         for _ in range(len(pending)):
-            pending.popleft()(now)
+            cb = pending.popleft()
+            try:
+                cb(now)
+            except Exception as exc:
+                self._failed(cb, exc, now)
 
     def _run_timers(self, now: float) -> None:
         timers = self._timers
@@ -194,9 +243,18 @@ class EventLoop:
             timer = heapq.heappop(timers)
             if not timer.cancelled:
                 timer.cancelled = True
-                timer.callback(now)
+                try:
+                    timer.callback(now)
+                except Exception as exc:
+                    self._failed(timer.callback, exc, now)
 
     def close(self) -> None:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+def _callback_name(callback: Callable[..., object]) -> str:
+    """``Class.method`` or ``function`` (through ``functools.partial``)."""
+    func = getattr(callback, "func", callback)
+    return str(getattr(func, "__qualname__", None) or type(func).__name__)

@@ -26,11 +26,12 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
+from ..logs import RateLimitedLog
 from ..secureio.events import SessionState
 from ..tun import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6
 
 if TYPE_CHECKING:
-    from .peer import Peer
+    from .peer import OffloadState, Peer
     from .ports import TunPort
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,13 @@ LOSS_MIN_CHAINS: Final = 2
 LOSS_RATIO: Final = 0.01
 MAX_COOLDOWN: Final = 600.0
 CAPS_INTERVAL: Final = 10.0
+"""Seconds between two announcements of our caps (a lost one is repeated), and between
+two changes of a peer's caps that we apply once its burst is spent."""
+CAPS_BURST: Final = 3
+"""Changes of a peer's caps applied at once (a new session, then a lossy path and its
+recovery); beyond that one per ``CAPS_INTERVAL``, the latest announcement winning. Each
+change may switch TSO on the TUN device (an ioctl) and is logged: a peer toggling its caps
+in a loop must not turn that into an ioctl and a log line per message."""
 
 
 def encode_caps(caps: int) -> bytes:
@@ -116,6 +124,9 @@ class OffloadCaps:
         self.tun = tun
         self.write = write
         self.ifname = ifname
+        self.caps_deferred = 0
+        """Caps announcements not applied at once (the peer changed them too often)."""
+        self.log = RateLimitedLog(logger, interval=CAPS_INTERVAL, max_keys=4096, max_lines=64)
 
     @property
     def enabled(self) -> bool:
@@ -129,23 +140,56 @@ class OffloadCaps:
             caps |= CAP_LOSSY
         self.write(peer, CAPS_TYPE, encode_caps(caps), now)
 
-    def on_caps(self, peer: Peer, payload: bytes | memoryview, peers: Iterable[Peer]) -> None:
+    def on_caps(
+        self,
+        peer: Peer,
+        payload: bytes | memoryview,
+        peers: Iterable[Peer],
+        now: float | None = None,
+    ) -> None:
+        """A caps message from ``peer``: applied at once while its burst lasts, else kept
+        as ``pending_caps`` (the latest wins) for ``check_loss`` to apply when due.
+        ``now`` defaults to the time the session last accepted a datagram, which is the
+        arrival time of the datagram that carried this message."""
         caps = decode_caps(payload)
-        if caps is not None and caps != peer.offload.remote_caps:
-            peer.offload.remote_caps = caps
-            logger.info("peer %s: capabilities 0x%x", peer.name, caps)
-            self.update(peers)
+        if caps is None:
+            return
+        state = peer.offload
+        if caps == state.remote_caps:
+            state.pending_caps = None  # back where it was: nothing left to apply
+            return
+        if now is None:
+            s = peer.session
+            now = s.last_received if s is not None and s.last_received is not None else 0.0
+        if _take_token(state, now):
+            self._apply(peer, caps, peers, now)
+        else:
+            if state.pending_caps is None:
+                self.caps_deferred += 1
+            state.pending_caps = caps
+
+    def _apply(self, peer: Peer, caps: int, peers: Iterable[Peer], now: float) -> None:
+        state = peer.offload
+        state.remote_caps = caps
+        state.pending_caps = None
+        self.log.log(
+            now, (peer.name, "caps"), logging.INFO, "peer %s: capabilities 0x%x", peer.name, caps
+        )
+        self.update(peers)
 
     def check_loss(self, peers: Iterable[Peer], now: float) -> None:
         """Every ``LOSS_CHECK_INTERVAL``: ask for MTU-sized packets where chains are lost,
         offer whole segments again after the cooldown, repeat a lost announcement."""
         if not self.tun.vnet_hdr:
             return
+        peers = list(peers)  # iterated again by ``update``
         for peer in peers:
             s = peer.session
             if s is None or not s.is_established:
                 continue
             state = peer.offload
+            if state.pending_caps is not None and _take_token(state, now):
+                self._apply(peer, state.pending_caps, peers, now)
             done, lost = s.fragment_chains
             seen_done, seen_lost = state.chains_seen
             state.chains_seen = (done, lost)
@@ -175,7 +219,7 @@ class OffloadCaps:
                 # Chains still arrive: our request was lost on this lossy path. Again.
                 self.send_caps(peer, now)
                 continue
-            if now - state.caps_sent_at >= CAPS_INTERVAL:
+            if now >= state.caps_sent_at + CAPS_INTERVAL:
                 self.send_caps(peer, now)  # a lost announcement must not cost offload
 
     def update(self, peers: Iterable[Peer]) -> None:
@@ -199,3 +243,19 @@ class OffloadCaps:
                 logger.info("%s: TCP segmentation offload %s", self.ifname, "on" if want else "off")
             except Exception as exc:
                 logger.warning("%s: %s", self.ifname, exc)
+
+
+def _take_token(state: OffloadState, now: float) -> bool:
+    """A token bucket per peer: ``CAPS_BURST`` changes, refilled at one per
+    ``CAPS_INTERVAL``; True (and one token spent) when a change may be applied now."""
+    last = state.caps_tokens_at
+    if last is None or now > last:
+        if last is not None:
+            state.caps_tokens = min(
+                float(CAPS_BURST), state.caps_tokens + (now - last) / CAPS_INTERVAL
+            )
+        state.caps_tokens_at = now
+    if state.caps_tokens >= 1.0:
+        state.caps_tokens -= 1.0
+        return True
+    return False

@@ -19,7 +19,7 @@ from ..secureio.keyexchange import KeyExchangeOptions
 from ..secureio.negotiation import NegotiationOptions
 from ..secureio.session import Session, SessionOptions
 from ..secureio.wire import MessageType
-from .offload import MAX_SEGMENT
+from .offload import CAPS_BURST, MAX_SEGMENT
 
 if TYPE_CHECKING:
     from ..config import PeerConfig
@@ -41,6 +41,7 @@ DROP_REASONS: Final = (
     "too-big",
     "send-failed",
     "queue-full",
+    "refused-by-session",
     "offload-unsupported",
     "bad-offload-header",
     "inner-truncated",
@@ -99,6 +100,11 @@ class OffloadState:
     """While set, we told the peer not to send whole segments (the path loses them)."""
     cooldown: float = OFFLOAD_COOLDOWN
     caps_sent_at: float = 0.0
+    caps_tokens: float = float(CAPS_BURST)
+    """Changes of ``remote_caps`` that may be applied now (see ``offload.OffloadCaps``)."""
+    caps_tokens_at: float | None = None
+    pending_caps: int | None = None
+    """The latest announced caps not applied yet (too many changes in a short time)."""
 
 
 def session_options(
@@ -192,7 +198,13 @@ class Peer:
 
     def next_deadline(self) -> float | None:
         """The earliest time anything about this peer is due (session timer, keepalive,
-        dead-peer check, restart, a name to resolve)."""
+        dead-peer check, restart, a name to resolve).
+
+        Each deadline here is exactly the instant the matching check (``keepalive_due``,
+        ``needs_restart``) turns true: both compare ``now >= last + interval``, the same
+        float sum. ``now - last >= interval`` can be false at ``now == last + interval``
+        (rounding), and a timer armed for that instant would fire, find nothing due, and
+        be armed for the same instant again, forever."""
         times = []
         s = self.session
         if s is not None:
@@ -220,7 +232,7 @@ class Peer:
         if (
             s.is_established
             and s.last_received is not None
-            and now - s.last_received >= self.timing.dead_after
+            and now >= s.last_received + self.timing.dead_after
         ):
             return f"no answer for {now - s.last_received:.0f} s"
         return None
@@ -230,7 +242,7 @@ class Peer:
         return bool(
             s is not None
             and s.is_established
-            and now - (s.last_sent or 0.0) >= self.keepalive_interval
+            and now >= (s.last_sent or 0.0) + self.keepalive_interval
         )
 
     def describe(self, now: float) -> dict[str, Any]:

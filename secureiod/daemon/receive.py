@@ -49,7 +49,10 @@ class ReceivePath:
     def on_udp(self, now: float) -> None:
         receive = self.demux.receive_datagram
         dirty = self.dirty
-        for data, addr in self.udp.recv_batch(self.batch.on_wake(now)):
+        batch = self.batch
+        datagrams = self.udp.recv_batch(batch.on_wake(now))
+        batch.note(len(datagrams))
+        for data, addr in datagrams:
             peer = receive(data, addr, now)
             if peer is not None:
                 dirty.add(peer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from ..secureio.constants import PACKET_OVERHEAD
@@ -24,7 +24,7 @@ from .ledger import Ledger
 from .owned import OwnedNetlink
 from .peer import Peer
 from .policy import RoutingPlan
-from .ports import NetlinkPort
+from .ports import Interface, NetlinkPort, Network
 
 if TYPE_CHECKING:
     from ..config import InterfaceConfig, PeerConfig
@@ -106,19 +106,6 @@ class Routes:
         for net in peer.config.allowed_ips:
             self.netlink.install(net, peer.name)
 
-    def remove_peer(self, peer: Peer, remaining: Iterable[Peer] = ()) -> None:
-        """Its routes go (at the end of the reload, unless a peer of the new config takes
-        a prefix over: ``settle``); with ``mtu = "auto"`` the link MTU follows the
-        ``remaining``."""
-        self._remove_routes(peer)
-        if self.interface.mtu is None and peer.route_mtu is not None:
-            peer.route_mtu = None
-            self._follow_link_mtu(remaining)
-
-    def _remove_routes(self, peer: Peer) -> None:
-        for net in peer.config.allowed_ips:
-            self.netlink.release(net)
-
     def settle(self) -> None:
         """The end of a reload: routes no peer took back go, and a full tunnel's rules go
         with its last default route."""
@@ -134,14 +121,22 @@ class Routes:
         level = logging.INFO if peer.route_mtu is None else logging.DEBUG
         peer.route_mtu = mtu
         logger.log(level, "peer %s: payload size %d, route MTU %d", peer.name, size, mtu)
-        for net in peer.config.allowed_ips:
+        self.set_route_mtu(peer, peer.config.allowed_ips)
+        if fixed is None:
+            self._follow_link_mtu(peers)
+
+    def set_route_mtu(self, peer: Peer, nets: Iterable[Network]) -> None:
+        """Give ``peer``'s routes to ``nets`` its route MTU (if it has one yet). A failure
+        is a warning: the route still works, at the link MTU."""
+        mtu = peer.route_mtu
+        if mtu is None:
+            return
+        for net in nets:
             route_mtu = max(mtu, IPV6_MIN_MTU) if net.version == 6 else max(mtu, MIN_MTU)
             try:
                 self.netlink.replace_route(net, self.ifname, mtu=route_mtu)
             except Exception as exc:
                 logger.warning("peer %s: setting route MTU for %s failed: %s", peer.name, net, exc)
-        if fixed is None:
-            self._follow_link_mtu(peers)
 
     def _follow_link_mtu(self, peers: Iterable[Peer]) -> None:
         sizes = [p.route_mtu for p in peers if p.route_mtu]
@@ -156,22 +151,89 @@ class Routes:
             except Exception as exc:
                 logger.warning("%s: setting MTU %d failed: %s", self.ifname, want, exc)
 
-    def apply_interface(self, new: InterfaceConfig) -> None:
-        """A reload's interface changes that need no restart: addresses and a fixed MTU."""
+    # -- reload ------------------------------------------------------------------------
+
+    def prepare_reload(
+        self,
+        withdraw: Sequence[PeerConfig],
+        install: Sequence[PeerConfig],
+        interface: InterfaceConfig,
+    ) -> None:
+        """The part of a reload that asks the kernel for something new: routes for the
+        prefixes of ``install`` (adopting those of ``withdraw``, the configs that go), the
+        new addresses, a new fixed MTU. All or nothing: when the kernel refuses one, what
+        this call added is removed again, ``withdraw``'s routes stay as they were, and the
+        error propagates. Nothing is removed here: ``finish_reload`` does that."""
+        added: list[Interface] = []
+        try:
+            for pc in withdraw:
+                for net in pc.allowed_ips:
+                    self.netlink.release(net)
+            for pc in install:
+                for net in pc.allowed_ips:
+                    self.netlink.install(net, pc.name)
+            for address in interface.address:
+                if address not in self.interface.address:
+                    self.netlink.add_address(self.ifname, address)
+                    added.append(address)
+            if interface.mtu is not None and interface.mtu != self.interface.mtu:
+                self.netlink.set_mtu(self.ifname, interface.mtu)
+                self.link_mtu = interface.mtu
+        except BaseException:
+            self._roll_back(withdraw, install, added)
+            raise
+
+    def _roll_back(
+        self,
+        withdraw: Sequence[PeerConfig],
+        install: Sequence[PeerConfig],
+        added: Sequence[Interface],
+    ) -> None:
+        """Undo a ``prepare_reload`` that failed half-way: the routes that stay are still
+        placed (only ``settle`` removes one), so taking them back asks the kernel nothing;
+        the routes and addresses this reload added go."""
+        for pc in install:
+            for net in pc.allowed_ips:
+                self.netlink.release(net)
+        for pc in withdraw:
+            for net in pc.allowed_ips:
+                try:
+                    self.netlink.install(net, pc.name)
+                except Exception as exc:
+                    logger.warning("peer %s: restoring the route to %s: %s", pc.name, net, exc)
+        for address in added:
+            try:
+                self.netlink.delete_address(self.ifname, address)
+            except Exception as exc:
+                logger.warning("removing address %s: %s", address, exc)
+        try:
+            self.settle()
+        except Exception as exc:
+            logger.warning("%s: removing the routes of a failed reload: %s", self.ifname, exc)
+
+    def finish_reload(self, new: InterfaceConfig, peers: Iterable[Peer]) -> None:
+        """The last step of a reload, once the peers are in place: addresses that left the
+        config go, routes no peer took back go (``settle``), and a changed ``mtu`` is
+        applied to the route MTUs (a fixed MTU caps them) and, with "auto", to the link
+        MTU, which follows the peers' route MTUs again."""
         old = self.interface
         self.interface = new
-        for a in set(old.address) - set(new.address):
-            try:
-                self.netlink.delete_address(self.ifname, a)
-            except Exception as exc:
-                logger.warning("removing address %s: %s", a, exc)
-        for a in new.address:
-            if a not in old.address:
-                self.netlink.add_address(self.ifname, a)
-        if new.mtu != old.mtu and new.mtu is not None:
-            self.netlink.set_mtu(self.ifname, new.mtu)
-            self.link_mtu = new.mtu
-        self.settle()  # the last step of every reload (reload.apply_config)
+        for address in old.address:
+            if address not in new.address:
+                try:
+                    self.netlink.delete_address(self.ifname, address)
+                except Exception as exc:
+                    logger.warning("removing address %s: %s", address, exc)
+        self.settle()
+        if new.mtu == old.mtu:
+            return
+        running = list(peers)
+        for peer in running:  # the others get theirs when their session negotiates
+            s = peer.session
+            if peer.route_mtu is not None and s is not None and s.is_established:
+                self.apply_payload_size(peer, s.payload_size, running)
+        if new.mtu is None:
+            self._follow_link_mtu(running)
 
     def remove_all(self, peers: Iterable[Peer]) -> None:
         """On stop: give back everything the daemon added (routes, rules, addresses, DNS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from ..secureio.errors import PayloadTooBigError
+from ..secureio.errors import PayloadTooBigError, SecureioError
 from ..secureio.session import QueueFullError, SessionClosedError
 from ..udp import SendResult
 from .allowed_ips import AllowedIPs
@@ -22,6 +22,9 @@ from .ports import Address, TunPort, UdpPort
 BATCH: Final = 256
 BUSY_GAP: Final = 0.002
 """Wake-ups closer than this count as "under load": read whole batches."""
+BACKLOG_WINDOW: Final = 0.05
+"""A read that found a queue makes the next read take a whole batch, if it comes within
+this many seconds, however far apart the wake-ups were (see ``BatchSize``)."""
 MAX_TOO_BIG_ROUNDS: Final = 4
 """``report_too_big`` may produce smaller replacement datagrams; bounded retries."""
 
@@ -30,19 +33,34 @@ class BatchSize:
     """How many packets one read takes. After a quiet spell, one packet per descriptor:
     reading on until EAGAIN costs a system call that, on a cold CPU, is a good part of a
     ping's latency (level-triggered epoll wakes us again if more is waiting). Under load
-    the wake-ups come back to back and every read takes a whole batch."""
+    every read takes a whole batch.
 
-    __slots__ = ("last_wake", "size")
+    "Under load" is either sign: the wake-ups come back to back (``BUSY_GAP``), or the
+    previous read found a queue (a single-packet read that got its packet, or a batch
+    read that got more than one). The second matters when other work on the loop
+    (control requests, a reload) spaces the wake-ups out: going by the gap alone, a
+    busy loop would read one packet per descriptor per wake-up, and a queue that builds
+    while the loop is busy would never drain."""
+
+    __slots__ = ("backlog", "last_wake", "size")
 
     def __init__(self) -> None:
         self.size = 1
         self.last_wake = 0.0
+        self.backlog = False
 
     def on_wake(self, now: float) -> int:
         if now != self.last_wake:
-            self.size = BATCH if now - self.last_wake < BUSY_GAP else 1
+            gap = now - self.last_wake
+            self.size = BATCH if gap < BUSY_GAP or (self.backlog and gap < BACKLOG_WINDOW) else 1
+            self.backlog = False
             self.last_wake = now
         return self.size
+
+    def note(self, count: int) -> None:
+        """After a read of ``on_wake``'s size: it returned ``count`` packets."""
+        if count > 1 or count >= self.size:
+            self.backlog = True
 
 
 class SendPath:
@@ -68,9 +86,12 @@ class SendPath:
         lookup = self.router.lookup_destination
         dirty = self.dirty
         write = self.write
-        size = self.batch.on_wake(now)
+        batch = self.batch
+        size = batch.on_wake(now)
         if not self.tun.vnet_hdr:
-            for packet in self.tun.read_batch(size):
+            packets = self.tun.read_batch(size)
+            batch.note(len(packets))
+            for packet in packets:
                 peer = lookup(packet)
                 if peer is None:
                     self.no_route += 1
@@ -81,7 +102,9 @@ class SendPath:
                     c.tx_bytes += len(packet)
                 dirty.add(peer)
             return
-        for buf in self.tun.read_batch(size, MAX_SEGMENT):
+        bufs = self.tun.read_batch(size, MAX_SEGMENT)
+        batch.note(len(bufs))
+        for buf in bufs:
             peer = lookup(buf, VNET_HDR_SIZE)
             if peer is None:
                 self.no_route += 1
@@ -101,7 +124,9 @@ class SendPath:
 
     def write(self, peer: Peer, mtype: int, payload: bytes | memoryview, now: float) -> bool:
         """Hand one message to the peer's session; True if it goes out now (counted as
-        sent), False if dropped or only queued until the session is established."""
+        sent), False if dropped or only queued until the session is established. Whatever
+        the session refuses is a counted drop, never an exception: one odd packet from the
+        TUN must not end the wake-up that carries the others."""
         s = peer.session
         if s is None:
             peer.counters.drops["not-established"] += 1
@@ -116,6 +141,9 @@ class SendPath:
             return False
         except SessionClosedError:
             peer.counters.drops["not-established"] += 1
+            return False
+        except (SecureioError, ValueError):
+            peer.counters.drops["refused-by-session"] += 1
             return False
         self.dirty.add(peer)
         return s.is_established

@@ -11,9 +11,26 @@ random addresses could otherwise buy for free:
    identity key names a session's pinned peer and whose signature verifies; else
 2. trial decryption with each session's current keys, while there are few sessions.
 
+The budgets are priced by what the work costs (measured with the C extension): opening
+a datagram under one key is 2-4 µs, an Ed25519 verification about 75 µs. A datagram of a
+size no secureio packet has (shorter than a header and one message header, longer than
+any session's payload limit allows) is dropped before any work. A key-exchange-sized
+datagram is opened under each fallback key, one unit each of its own bucket, and must
+name a configured peer's identity key before it may spend one of the
+``identifications_per_second`` tokens on the signature check. Trial decryption draws one
+unit per session tried from another bucket. Random garbage then never competes with a
+roaming peer's key exchange, and with few sessions not with its data either.
+
 Identification only picks the session; that session then decides on its own, by the
 path-validation rules of ``Session.receive_datagram``, whether the address becomes its
 endpoint. The demultiplexer mirrors the result in its address map.
+
+The map answers "whose datagrams come from here", a session's endpoint "where do I send":
+when one owner validates an address another owner's endpoint is at, the address maps to
+the new owner, but the other keeps its endpoint (a datagram of one peer, held back and
+sent from another peer's address, must not cut that peer off). The other stays the
+address's *displaced* owner: its next authenticated datagram from there is tried against
+it first (one session's keys, no token) and maps the address back.
 """
 
 from __future__ import annotations
@@ -21,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
-from .constants import KX_PACKET_SIZE
+from .constants import KX_PACKET_SIZE, PACKET_OVERHEAD
 from .errors import SecureioError
 from .events import SessionState
 from .kx_message import KeyExchangeMessage
@@ -45,6 +62,15 @@ class DemuxStats:
     """Datagrams nobody could be shown to own (garbage, strangers, stale peers)."""
     rate_limited: int = 0
     """Identifications skipped because the budget was spent: dropped unexamined."""
+    key_checks: int = 0
+    """Units of cheap checks done for unmapped addresses: fallback keys a key-exchange-
+    sized datagram was opened with, sessions a trial decryption tried."""
+    signature_checks: int = 0
+    """Identification tokens spent: Ed25519 checks of key exchanges from unmapped
+    addresses (the costly part; only for datagrams that passed the cheap checks)."""
+    bad_size: int = 0
+    """Datagrams from unmapped addresses of a size no secureio packet has: dropped before
+    any work and without spending the budget (also counted in ``unknown_source``)."""
     identified_kx: int = 0
     """Owners found by a signed key exchange from an unmapped address."""
     identified_trial: int = 0
@@ -53,7 +79,9 @@ class DemuxStats:
     """A mapped address's session could not open a datagram and another owner could
     (e.g. a NAT handed the address to another peer)."""
     path_takeovers: int = 0
-    """An owner validated an address another owner had: the other one lost its endpoint."""
+    """An owner validated an address the map gave another owner: the address maps to the
+    new owner; the other keeps its endpoint and takes the address back with its next
+    authenticated datagram from there."""
 
 
 class _TokenBucket:
@@ -64,12 +92,12 @@ class _TokenBucket:
         self.tokens = burst
         self.stamp: float | None = None
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float, cost: float = 1.0) -> bool:
         if self.stamp is not None:
             self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= cost:
+            self.tokens -= cost
             return True
         return False
 
@@ -82,18 +110,36 @@ class Demultiplexer(Generic[T]):
     """
 
     def __init__(
-        self, *, trial_peer_limit: int = 32, identifications_per_second: float = 500.0
+        self,
+        *,
+        trial_peer_limit: int = 32,
+        identifications_per_second: float = 500.0,
+        key_checks_per_second: float = 25_000.0,
     ) -> None:
         """``trial_peer_limit``: above this many sessions an unknown address is identified
         only by key exchange, since trial decryption would cost too much per hostile
-        datagram. ``identifications_per_second`` bounds that work (burst: one second's)."""
+        datagram. ``identifications_per_second`` bounds the signature checks (~75 µs
+        each). ``key_checks_per_second`` bounds the cheap checks: one unit per fallback key
+        (clear, or a distinct PSK's aux key) a key-exchange-sized datagram is opened with,
+        and per session a trial decryption tries (2-4 µs each), so at most ~0.15 s of CPU
+        a second by default; the two kinds have a bucket each. Each burst is one second's
+        worth."""
         self.trial_peer_limit = trial_peer_limit
         self.stats = DemuxStats()
         self._sessions: dict[T, Session] = {}
         self._by_addr: dict[PathKey, T] = {}
+        self._displaced: dict[PathKey, T] = {}
+        """Per address, the owner the map moved away from while its endpoint stayed there
+        (at most one per address, and only at that owner's endpoint: bounded by owners)."""
         self._by_key: dict[bytes, T] = {}
         self._fallback_keys: list[tuple[PacketKey, int]] = []
+        self._max_datagram = 0
+        """The largest datagram any session's peer sends: its payload limit P + 53."""
         self._budget = _TokenBucket(identifications_per_second, identifications_per_second)
+        self._kx_opens = _TokenBucket(key_checks_per_second, key_checks_per_second)
+        self._trials = _TokenBucket(key_checks_per_second, key_checks_per_second)
+        """Separate, so garbage that costs trial decryptions (32 units a datagram at the
+        trial limit) cannot starve the key-exchange check, which costs one."""
 
     # -- registry ---------------------------------------------------------------------
 
@@ -151,9 +197,14 @@ class Demultiplexer(Generic[T]):
             session.receive_datagram(data, addr, now)
             if stats.rx_packets != received or not session.consecutive_decrypt_failures:
                 return owner  # authenticated, or opened and refused (a replay): it is ours
-            # Nothing of this session's opens it: maybe the address now belongs to
-            # another peer (a NAT reusing a port), so look for a better owner.
-            other = self._identify(data, now, exclude=owner)
+            # Nothing of this session's opens it: maybe it is the displaced owner's (whose
+            # endpoint is still here), or the address now belongs to another peer (a NAT
+            # reusing a port), so look for a better owner.
+            back = self._displaced.get(key)  # type: ignore[call-overload]
+            if back is not None and self._sessions[back].owns_datagram(data):
+                other: T | None = back
+            else:
+                other = self._identify(data, now, exclude=owner)
             if other is None:
                 return owner
             self.stats.reassigned += 1
@@ -171,10 +222,19 @@ class Demultiplexer(Generic[T]):
         if session.state is SessionState.NEW:  # a passive peer's first contact
             session.start(now)
         before = session.endpoint
+        received = session.stats.rx_packets
         session.receive_datagram(data, addr, now)
         after = session.endpoint
         if after is not before:
             self._sync(owner, before, after)
+        elif (
+            session.stats.rx_packets != received
+            and same_path(after, addr)
+            and self._by_addr.get(path_key(addr)) != owner
+        ):
+            # An authenticated datagram from its own endpoint, which the map had given to
+            # another owner: the address is this owner's again.
+            self._map(owner, addr)
         return owner
 
     def _identify(
@@ -182,16 +242,15 @@ class Demultiplexer(Generic[T]):
     ) -> T | None:
         """Which other owner can show this datagram is theirs? Authenticated evidence
         only; the chosen session re-checks everything itself."""
-        if not self._budget.take(now):
-            self.stats.rate_limited += 1
+        size = len(data)
+        if size < PACKET_OVERHEAD or size > self._max_datagram:
+            self.stats.bad_size += 1
             return None
-        if len(data) == KX_PACKET_SIZE:
-            owner = self._identify_kx(data)
-            if owner is not None and owner != exclude:
-                self.stats.identified_kx += 1
-                return owner
-            return None
+        if size == KX_PACKET_SIZE:
+            return self._identify_kx(data, now, exclude)
         if len(self._sessions) > self.trial_peer_limit:
+            return None
+        if not self._check(self._trials, now, len(self._sessions)):
             return None
         for owner, session in self._sessions.items():
             if owner != exclude and session.owns_datagram(data):
@@ -199,7 +258,28 @@ class Demultiplexer(Generic[T]):
                 return owner
         return None
 
-    def _identify_kx(self, data: bytes | bytearray | memoryview) -> T | None:
+    def _check(self, bucket: _TokenBucket, now: float, cost: int) -> bool:
+        if bucket.take(now, cost):
+            self.stats.key_checks += cost
+            return True
+        self.stats.rate_limited += 1
+        return False
+
+    def _spend(self, now: float) -> bool:
+        if self._budget.take(now):
+            self.stats.signature_checks += 1
+            return True
+        self.stats.rate_limited += 1
+        return False
+
+    def _identify_kx(
+        self, data: bytes | bytearray | memoryview, now: float, exclude: T | None
+    ) -> T | None:
+        """The cheap checks (open under a fallback key, a configured peer's identity key,
+        sealed that peer's way) come from their own budget; only a datagram that passes
+        them spends an identification token, on the signature check."""
+        if not self._check(self._kx_opens, now, len(self._fallback_keys)):
+            return None
         for key, mask in self._fallback_keys:
             try:
                 opened = open_packet(data, [key], mask)
@@ -210,13 +290,20 @@ class Demultiplexer(Generic[T]):
             except (SecureioError, StopIteration):
                 continue
             owner = self._by_key.get(kx.identity_key)
-            if owner is None:
+            if owner is None or owner == exclude:
                 return None
             session = self._sessions[owner]
             if session.fallback_key != (key, mask):
                 return None  # not how this peer's packets are sealed: its session would refuse
             remote = session.remote_identity
-            return owner if remote is not None and kx.verify(remote) else None
+            if remote is None:
+                return None
+            if not self._spend(now):
+                return None
+            if not kx.verify(remote):
+                return None
+            self.stats.identified_kx += 1
+            return owner
         return None
 
     def _map(self, owner: T, addr: Address | None) -> None:
@@ -225,20 +312,27 @@ class Demultiplexer(Generic[T]):
         key = path_key(addr)
         other = self._by_addr.get(key)
         if other is not None and other != owner:
-            # One address, one peer: the owner that just showed (or was told) it is here
-            # wins, and the other stops sending to a host that is no longer its peer.
-            loser = self._sessions[other]
-            if same_path(loser.endpoint, addr):
-                loser.set_endpoint(None)
+            # The owner that just showed (or was told) it is here gets the address's
+            # datagrams. The other keeps its endpoint: this may be a datagram of one peer
+            # sent from another's address, and its own next datagram decides.
+            if same_path(self._sessions[other].endpoint, addr):
+                self._displaced[key] = other
             self.stats.path_takeovers += 1
+        if self._displaced.get(key) == owner:
+            del self._displaced[key]
         self._by_addr[key] = owner
 
     def _unmap(self, owner: T, addr: Address | None) -> None:
         if addr is None:
             return
         key = path_key(addr)
+        if self._displaced.get(key) == owner:
+            del self._displaced[key]
         if self._by_addr.get(key) == owner:
             del self._by_addr[key]
+            back = self._displaced.pop(key, None)
+            if back is not None and same_path(self._sessions[back].endpoint, addr):
+                self._by_addr[key] = back  # the owner whose endpoint is still here
 
     def _sync(self, owner: T, before: Address | None, after: Address | None) -> None:
         self._unmap(owner, before)
@@ -253,9 +347,13 @@ class Demultiplexer(Generic[T]):
 
     def _rebuild_fallback_keys(self) -> None:
         """Keys that open key-exchange packets from unknown addresses: clear and each
-        distinct PSK's aux key, each tried once however many peers share it."""
+        distinct PSK's aux key, each tried once however many peers share it. And the
+        largest datagram a peer sends (payload limits must match the peer's)."""
         keys: dict[tuple[bytes | None, bytes, int], tuple[PacketKey, int]] = {}
         for session in self._sessions.values():
             key, mask = session.fallback_key
             keys.setdefault((key.stream_key, key.mac_seed, mask), (key, mask))
         self._fallback_keys = list(keys.values())
+        self._max_datagram = PACKET_OVERHEAD + max(
+            (s.options.payload_size_limit for s in self._sessions.values()), default=0
+        )

@@ -20,6 +20,12 @@ Where we deliberately differ from the Go reference:
   intent, the Go code fails instead). Without any verified size it fails.
 * Only pongs that echo a ping we sent count, so a peer cannot inflate our result beyond
   what we probed, and the bookkeeping stays bounded.
+* A peer's END below ``MIN_PAYLOAD_SIZE`` is no result: E is then our own measurement.
+  No honest peer reports less than the smallest size it probed, and such a size would
+  make E useless (no room after a fragment header, thousands of fragments per message).
+* A re-negotiation of an established session (``current_size``: after a peer restart)
+  never fails on a timeout: it finishes with the best size known, at worst the one in
+  use, and sends END, so the session keeps working and a restarted peer can finish.
 
 Time is the caller's ``now`` (seconds); nothing here reads a clock or logs.
 """
@@ -38,6 +44,16 @@ from .negotiation_message import (
 
 MIN_PROBE_SIZE = 147
 """The smallest size the reference probes: ``min = 147`` in §8.3."""
+MIN_PAYLOAD_SIZE = MIN_PROBE_SIZE
+"""The smallest E a session ever uses, and the smallest END value believed from a peer.
+
+Why not the size a 576-byte IPv4 path carries (495), or a 1280-byte IPv6 one (1179)? The
+§8.3 rounds first try 1392, 977, 562 and 147, so on any path whose datagrams stop below
+615 bytes (the IPv4 minimum of 576 among them) an honest peer, Go or ours, ends on 147: a
+higher floor would refuse honest answers. Nothing is gained against a hostile peer either,
+which can bring E to 147 by not answering larger pings. At 147, a fragment carries 123
+bytes: a 1400-byte packet takes 12 fragments, a 64 KiB message 533. The configuration and
+``secureioctl cat`` accept no smaller payload limit either."""
 _WAIT_FACTOR = 3
 """The window lasts 3 times the delay of the first pong of the round (Go's constant)."""
 _MINIMAL_WAIT = 0.001
@@ -77,7 +93,17 @@ class Negotiator:
     ``take_outgoing`` after every call and send each payload as its own NEGOTIATION packet.
     """
 
-    def __init__(self, payload_size_limit: int, options: NegotiationOptions) -> None:
+    def __init__(
+        self,
+        payload_size_limit: int,
+        options: NegotiationOptions,
+        *,
+        current_size: int | None = None,
+    ) -> None:
+        """``current_size``: the size an established session already uses, for a
+        re-negotiation (the peer restarted). Timeouts then finish with what is known
+        instead of failing: the session works at that size, and closing it because the
+        path could not be sized again would cost more than keeping it."""
         if options.enabled and payload_size_limit < MIN_PROBE_SIZE:
             raise ValueError(
                 f"payload_size_limit {payload_size_limit} is below the minimal probe "
@@ -85,13 +111,23 @@ class Negotiator:
             )
         self._limit = payload_size_limit
         self._opts = options
+        self._current_size = (
+            None
+            if current_size is None
+            else max(MIN_PAYLOAD_SIZE, min(current_size, payload_size_limit))
+        )
+        self.timed_out: str | None = None
+        """The timeout (a ``REASON_*``) a re-negotiation finished on instead of failing."""
         self.local_finished = False
         self.peer_finished = False
         self.failed: str | None = None
         self.local_largest = 0
-        """Largest verified pong size not above the ceiling: what our END reports."""
+        """Largest verified pong size not above the ceiling: what our END reports (or, for
+        a re-negotiation that timed out without any, the size in use)."""
         self.remote_largest = 0
         """The peer's reported largest size (overwritten by each control, frozen at END)."""
+        self.end_refused = False
+        """The peer's END reported less than ``MIN_PAYLOAD_SIZE``: no honest peer does."""
         self.ignored_pongs = 0
         """Pongs that arrived late, before start, or that echo no ping of ours."""
         self._outgoing: list[bytes] = []
@@ -122,12 +158,22 @@ class Negotiator:
         return self.local_finished and self.peer_finished
 
     @property
+    def remote_ignored(self) -> bool:
+        """The peer's END reported less than ``MIN_PAYLOAD_SIZE`` (or it sent none before a
+        re-negotiation gave up waiting): its value plays no part in ``result``."""
+        return self.peer_finished and self._opts.enabled and self.remote_largest < MIN_PAYLOAD_SIZE
+
+    @property
     def result(self) -> int | None:
-        """E = min(local_largest, remote_largest) once both sides have finished."""
+        """E = min(local_largest, remote_largest) once both sides have finished; only
+        local_largest when the peer's value is ignored. 0: nothing was verified (the caller
+        keeps the size it has)."""
         if not self.done:
             return None
         if not self._opts.enabled:
             return self._limit
+        if self.remote_ignored:
+            return self.local_largest
         return min(self.local_largest, self.remote_largest)
 
     # -- inputs -------------------------------------------------------------------------
@@ -243,7 +289,14 @@ class Negotiator:
             return
         total = self._opts.total_timeout
         if total > 0 and now >= self._start_time + total:
-            self._fail(REASON_TOTAL_TIMEOUT)
+            if self._current_size is None:
+                self._fail(REASON_TOTAL_TIMEOUT)
+                return
+            # Re-negotiating: stop waiting (for pongs, or for the peer's END).
+            self.timed_out = REASON_TOTAL_TIMEOUT
+            if not self.local_finished:
+                self._finish_with_best()
+            self.peer_finished = True
             return
         if not self._collecting:
             return
@@ -262,6 +315,7 @@ class Negotiator:
         self.remote_largest = msg.largest
         if msg.end:
             self.peer_finished = True
+            self.end_refused = msg.largest < MIN_PAYLOAD_SIZE
 
     def _on_pong(self, msg: NegotiationProbe, now: float) -> None:
         if (
@@ -346,8 +400,19 @@ class Negotiator:
         finish with it; with none the path (or peer) is unusable."""
         if self.local_largest >= MIN_PROBE_SIZE:
             self._finish()
+        elif self._current_size is not None:
+            self.timed_out = REASON_READ_TIMEOUT
+            self._finish_with_best()
         else:
             self._fail(REASON_READ_TIMEOUT)
+
+    def _finish_with_best(self) -> None:
+        """A re-negotiation that cannot finish on its own: END with the largest verified
+        size, else the size the session already uses (it works, or the prober will see)."""
+        if self.local_largest < MIN_PROBE_SIZE:
+            assert self._current_size is not None
+            self.local_largest = min(self._current_size, self._ceiling)
+        self._finish()
 
     def _finish(self) -> None:
         self._collecting = False
@@ -361,6 +426,7 @@ class Negotiator:
 
 
 __all__ = [
+    "MIN_PAYLOAD_SIZE",
     "MIN_PROBE_SIZE",
     "NegotiationOptions",
     "Negotiator",

@@ -30,6 +30,10 @@ from a token bucket, raises on a backoff timer. A peer cannot make us probe in a
 it can do is not answer (our size goes down, and the next raise finds out), or answer
 pongs only for sizes we asked for in the current round.
 
+The floor is ``MIN_PAYLOAD_SIZE`` (the smallest size §8.3 probes): whatever the signals
+say, the size never goes below it, so a fragment always has room and a message a bounded
+number of them.
+
 Time is the caller's ``now``; nothing here reads a clock, does I/O or logs.
 """
 
@@ -38,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from .negotiation import MIN_PROBE_SIZE
+from .negotiation import MIN_PAYLOAD_SIZE, MIN_PROBE_SIZE
 from .negotiation_message import NegotiationProbe, encode_ping
 
 GRANULARITY: Final = 16
@@ -117,6 +121,12 @@ class PathMtuStats:
     increases: int = 0
     resent_messages: int = 0
     """Messages of datagrams refused with EMSGSIZE that went out again at the new size."""
+    remote_sizes_ignored: int = 0
+    """Negotiations whose peer END reported less than ``MIN_PAYLOAD_SIZE``: E came from our
+    own probing alone (a buggy or hostile peer; an honest one never reports that)."""
+    renegotiation_timeouts: int = 0
+    """Re-negotiations of an established session (after a peer restart) that timed out
+    or failed: the session kept going at the best size known, at worst the one it had."""
 
 
 @dataclass(slots=True)
@@ -153,12 +163,12 @@ class _Search:
 
 def plateau_below(payload: int) -> int:
     """The payload of the largest common link MTU whose datagram is smaller than one of
-    ``payload`` bytes (see ``UNDERLAY_MTU_PLATEAUS``); at least the minimal probe."""
+    ``payload`` bytes (see ``UNDERLAY_MTU_PLATEAUS``); at least ``MIN_PAYLOAD_SIZE``."""
     for mtu in UNDERLAY_MTU_PLATEAUS:
         size = (mtu - _PLATEAU_OVERHEAD) // GRANULARITY * GRANULARITY
         if size < payload:
-            return max(MIN_PROBE_SIZE, size)
-    return MIN_PROBE_SIZE
+            return max(MIN_PAYLOAD_SIZE, size)
+    return MIN_PAYLOAD_SIZE
 
 
 class PathProber:
@@ -212,7 +222,7 @@ class PathProber:
     def start(self, size: int, now: float) -> None:
         """The session is established at payload size ``size`` (again): track from here."""
         self._active = self.options.enabled
-        self.size = size
+        self.size = size = max(MIN_PAYLOAD_SIZE, min(size, self.ceiling))
         self._round = None
         self._search = None
         self._confirming = 0
@@ -303,7 +313,7 @@ class PathProber:
         learned path MTU expired, or the route changed): try to raise now."""
         if not self._active:
             return
-        limit = max(MIN_PROBE_SIZE, min(limit, self.ceiling))
+        limit = max(MIN_PAYLOAD_SIZE, min(limit, self.ceiling))
         self.kernel_limit = limit
         if limit < self.size:
             self._decide(limit, REASON_KERNEL, now)
@@ -390,7 +400,7 @@ class PathProber:
             self.kernel_limit = max(MIN_PROBE_SIZE, refused - 1)
 
     def _decide(self, size: int, reason: str, now: float) -> None:
-        size = max(MIN_PROBE_SIZE, min(size, self.ceiling))
+        size = max(MIN_PAYLOAD_SIZE, min(size, self.ceiling))
         if size == self.size:
             return
         if size < self.size:
