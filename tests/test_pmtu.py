@@ -595,3 +595,42 @@ def test_kernel_readings_are_bounded_during_a_refusal_burst(tmp_path: Path) -> N
     assert pmtu.reads - reads <= 2
     assert len(tunnel.delivered("b")) == 200  # all of them: re-sent at the new size
     assert tunnel.sim.wire.stats.too_big >= 1
+
+
+def test_a_change_held_back_by_the_log_limit_gets_a_trailing_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two changes inside one rate-limit window: the second is not the log's last word
+    for ever — when the window closes one line gives the size in use."""
+    from fakes import FakeNetlink, SimLoop, VirtualClock
+
+    from secureiod.daemon.pmtu import LOG_INTERVAL, PathMtu
+
+    caplog.set_level(logging.INFO, logger="secureiod")
+    clock = VirtualClock()
+    loop = SimLoop(clock)
+    pmtu = PathMtu(FakeNetlink(), loop, set())
+
+    class _Peer:  # what PathMtu reads of a peer
+        name = "b"
+        endpoint = None
+        session = type(
+            "S",
+            (),
+            {
+                "payload_size_reason": "black-hole",
+                "options": type("O", (), {"payload_size_limit": 1408})(),
+            },
+        )()
+
+    peer = _Peer()
+    now = clock.monotonic()
+    pmtu.on_payload_size(peer, 1408, now)  # type: ignore[arg-type]
+    pmtu.on_payload_size(peer, 1312, now)  # type: ignore[arg-type]
+    pmtu.on_payload_size(peer, 1264, now + 1)  # type: ignore[arg-type]
+    lines = [r.getMessage() for r in caplog.records if "path MTU" in r.getMessage()]
+    assert len(lines) == 1 and "1408 → 1312" in lines[0]
+    clock.advance_to(now + 1 + LOG_INTERVAL + 0.1)
+    loop.step(clock.monotonic())
+    lines = [r.getMessage() for r in caplog.records if "path MTU" in r.getMessage()]
+    assert len(lines) == 2 and "path MTU now 1264" in lines[1], lines

@@ -96,6 +96,10 @@ class PathMtu:
         """Kernel look-ups so far (for tests and status)."""
         self._cache: OrderedDict[str, _Reading] = OrderedDict()
         self._sizes: weakref.WeakKeyDictionary[Peer, int] = weakref.WeakKeyDictionary()
+        self._logged: weakref.WeakKeyDictionary[Peer, int] = weakref.WeakKeyDictionary()
+        """The size the log last said, so a change the rate limit held back is not the
+        last word: a trailing line gives the size in use when the window closes."""
+        self._trailing: weakref.WeakSet[Peer] = weakref.WeakSet()
         self._watched: OrderedDict[str, tuple[Peer, int | None]] = OrderedDict()
         self._timer: TimerHandle | None = None
 
@@ -148,7 +152,7 @@ class PathMtu:
         old = self._sizes.get(peer)
         self._sizes[peer] = size
         if old is not None and old != size and s is not None:
-            self.log.log(
+            if self.log.log(
                 now,
                 (peer.name, "path-mtu"),
                 logging.INFO,
@@ -157,9 +161,22 @@ class PathMtu:
                 old,
                 size,
                 self._describe(s.payload_size_reason, peer),
-            )
+            ):
+                self._logged[peer] = size
+            elif peer not in self._trailing:
+                self._trailing.add(peer)
+                self.loop.call_at(now + LOG_INTERVAL, lambda t, p=peer: self._log_trailing(p))
         if s is not None and size < s.options.payload_size_limit:
             self._watch(peer, now)
+
+    def _log_trailing(self, peer: Peer) -> None:
+        """At most one line per peer per window: the size in use now, if the log's last
+        word about it is out of date."""
+        self._trailing.discard(peer)
+        size = self._sizes.get(peer)
+        if size is not None and size != self._logged.get(peer):
+            self._logged[peer] = size
+            logger.info("peer %s: path MTU now %d (after changes held back above)", peer.name, size)
 
     def _describe(self, reason: str, peer: Peer) -> str:
         if reason == REASON_KERNEL:
