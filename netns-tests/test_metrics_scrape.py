@@ -7,10 +7,13 @@ namespace; the listener gone after SIGTERM."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from harness import PYTHON, SECUREIOD, Net, Node, run
 from prometheus_client.parser import text_string_to_metric_families
+
+from secureiod.daemon.metrics import COLLECT_INTERVAL
 
 PORT = 9586
 PINGS = 20
@@ -67,6 +70,7 @@ def test_scrape_over_http_in_the_namespace_matches_the_pings(net: Net) -> None:
     url = f"http://127.0.0.1:{PORT}/metrics"
     before = samples(scrape(a, url))
     a.assert_ping(b.tunnel4, count=PINGS, interval=0.02)
+    time.sleep(COLLECT_INTERVAL + 0.1)  # scrapes within one interval share one snapshot
     after_text = scrape(a, url)
     after = samples(after_text)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
 import shutil
 import socket
 import subprocess
@@ -17,12 +18,13 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from fakes import ConfigBuilder, Tunnel, ping4, two_sites
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -30,6 +32,9 @@ from secureiod.config import ConfigError, SocketAddress, load_config
 from secureiod.control import COMMANDS, ControlError, request
 from secureiod.daemon.device import Device
 from secureiod.daemon.metrics import (
+    COLLECT_INTERVAL,
+    MAX_HTTP_CONNECTIONS,
+    MAX_RENDERINGS,
     SESSION_DROP_REASONS,
     SESSION_STATES,
     SPECS,
@@ -118,7 +123,7 @@ def test_every_family_has_its_name_type_and_labels(ab: Tunnel) -> None:
     make_drops(ab)
     fams = families(metrics_text(ab, "a"))
     for spec in SPECS:
-        if spec.name == "secureiod_metrics_http_connections_total":
+        if spec.name.startswith("secureiod_metrics_http_"):
             continue  # only with metrics_listen (see the HTTP tests)
         # the parser names a counter family without _total; the text format (0.0.4) has
         # no info type: an info is a gauge named ..._info of value 1
@@ -377,6 +382,11 @@ def test_http_scrape_equals_the_control_answer_and_stops_with_the_device(tmp_pat
             assert value(over_http, name, peer="b") == value(over_control, name, peer="b") > 0
         assert value(over_http, "secureiod_metrics_http_connections_total", result="served") == 1
         assert value(over_http, "secureiod_metrics_http_connections_total", result="refused") == 0
+        for reason in ("evicted", "deadline"):
+            closed = value(
+                over_http, "secureiod_metrics_http_connections_closed_total", reason=reason
+            )
+            assert closed == 0
         assert any(t.name == "secureiod-metrics" for t in threading.enumerate())
     finally:
         tunnel.close()
@@ -409,39 +419,194 @@ def test_http_only_get_any_path_and_gzip(tmp_path: Path) -> None:
         tunnel.close()
 
 
-def test_http_connections_are_bounded_and_a_silent_client_is_let_go() -> None:
+class Counting:
+    """A collector that counts its collections (and can be held inside one)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+
+    def collect(self) -> list[Metric]:
+        self.calls += 1
+        self.entered.set()
+        self.release.wait(10)
+        family = CounterMetricFamily("test_collections", "Collections so far.")
+        family.add_metric([], self.calls)
+        return [family]
+
+
+def listener(collector: Counting, **options: float) -> MetricsServer:
     registry = CollectorRegistry()
-    server = MetricsServer(SocketAddress("127.0.0.1", 0), registry, max_connections=2)
+    registry.register(collector)  # type: ignore[arg-type]
+    server = MetricsServer(SocketAddress("127.0.0.1", 0), registry, **options)  # type: ignore[arg-type]
     server.start()
-    port = server.address[1]
-    idle: list[socket.socket] = []
+    return server
+
+
+def trickler(port: int) -> socket.socket:
+    """A slowloris client: connects and starts its request, the rest comes byte by byte."""
+    sock = socket.create_connection(("127.0.0.1", port), 5)
+    sock.sendall(b"GET / HTTP/1.1\r\nX-Slow: ")
+    return sock
+
+
+def closed_by_server(sock: socket.socket, wait: float) -> bool:
+    sock.settimeout(wait)
     try:
-        for _ in range(2):  # two clients that connect and say nothing hold both slots
-            idle.append(socket.create_connection(("127.0.0.1", port), 5))
-        deadline = time.monotonic() + 5
-        while server.connections[0] < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert server.connections == (2, 0)
-        with socket.create_connection(("127.0.0.1", port), 5) as third:
-            third.settimeout(5)
-            assert third.recv(100) == b""  # closed unanswered
-        assert server.connections == (2, 1)
-        for sock in idle:
-            sock.close()
-        idle.clear()
-        deadline = time.monotonic() + 5
-        text = None
-        while text is None and time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                text = scrape(port)
-            time.sleep(0.01)
-        assert text is not None  # the slots came back
-    finally:
-        for sock in idle:
-            sock.close()
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_trickling_clients_do_not_starve_a_real_scrape() -> None:
+    """Four clients that send a byte every second never finish their request: they hold
+    every slot (each read is well within the per-read timeout), and a real scrape must
+    still be answered, in far less than the deadline, by evicting the oldest of them."""
+    server = listener(Counting())
+    port = server.address[1]
+    slow: list[socket.socket] = []
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(1.0):
+            for sock in slow:
+                with contextlib.suppress(OSError):
+                    sock.send(b"x")
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    try:
+        for n in range(MAX_HTTP_CONNECTIONS):
+            slow.append(trickler(port))
+            wait_until(lambda n=n: server.connections[0] == n + 1)
+        thread.start()
+        time.sleep(1.5)  # the tricklers are trickling
         t0 = time.monotonic()
+        text = scrape(port)
+        assert time.monotonic() - t0 < 2
+        assert value(text, "test_collections_total") == 1
+        assert server.connections == (MAX_HTTP_CONNECTIONS + 1, 0)
+        assert server.closed == (1, 0)
+        assert closed_by_server(slow[0], 2)  # the one waiting longest made room
+        for sock in slow[1:]:
+            assert not closed_by_server(sock, 0.05)
+    finally:
+        stop.set()
+        for sock in slow:
+            sock.close()
         server.close()
-        assert time.monotonic() - t0 < 2.5  # at most a few poll intervals
+
+
+def test_a_connection_is_cut_at_the_deadline_however_busily_it_trickles() -> None:
+    server = listener(Counting(), deadline=1.5)
+    port = server.address[1]
+    with trickler(port) as sock:
+        t0 = time.monotonic()
+        cut = False
+        while not cut and time.monotonic() - t0 < 5:
+            with contextlib.suppress(OSError):
+                sock.send(b"x")  # well within the per-read timeout every time
+            cut = closed_by_server(sock, 0.3)
+        elapsed = time.monotonic() - t0
+    try:
+        assert cut and 1.4 < elapsed < 1.5 + 1.0, elapsed  # deadline + a poll interval
+        assert server.closed == (0, 1)
+        assert value(scrape(port), "test_collections_total") == 1  # the slot came back
+    finally:
+        server.close()
+
+
+def test_only_connections_being_answered_make_a_newcomer_wait_outside() -> None:
+    """When every slot holds a request being answered (here: held inside a collection),
+    a newcomer is closed unanswered and counted; the two are answered afterwards."""
+    collector = Counting()
+    collector.release.clear()
+    server = listener(collector, max_connections=2)
+    port = server.address[1]
+    answers: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: answers.append(scrape(port)), daemon=True) for _ in range(2)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_until(
+            lambda: (
+                server.connections[0] == 2
+                and all(not c.reading for c in server._server._open.values())
+            )
+        )
+        with socket.create_connection(("127.0.0.1", port), 5) as third:
+            assert closed_by_server(third, 5)
+        assert server.connections == (2, 1) and server.closed == (0, 0)
+        collector.release.set()
+        for thread in threads:
+            thread.join(5)
+        assert len(answers) == 2
+        assert collector.calls == 1  # the second waited for the first's snapshot
+    finally:
+        collector.release.set()
+        server.close()
+
+
+def test_a_scrape_flood_collects_at_most_once_a_second() -> None:
+    """Clients scraping in a loop (the old listener collected for each: a flood took the
+    GIL from the event loop) get one snapshot per interval, fresh after it."""
+    collector = Counting()
+    server = listener(collector)
+    port = server.address[1]
+    scrapes = 0
+    lock = threading.Lock()
+    t0 = time.monotonic()
+
+    def flood() -> None:
+        nonlocal scrapes
+        while time.monotonic() - t0 < 2.5:
+            # a connection may find every slot still held by answered ones: refused
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                scrape(port)
+                with lock:
+                    scrapes += 1
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        elapsed = time.monotonic() - t0
+        assert scrapes >= 50, scrapes
+        assert collector.calls <= elapsed / COLLECT_INTERVAL + 1, (collector.calls, elapsed)
+        assert collector.calls >= 2  # a new snapshot once the interval has passed
+        assert value(scrape(port), "test_collections_total") == collector.calls
+    finally:
+        server.close()
+
+
+def test_distinct_answers_per_snapshot_are_bounded() -> None:
+    """Each format, gzip and ``name[]`` filter is rendered once per snapshot; a client
+    varying its query to make the listener render more gets 429 until the next one."""
+    server = listener(Counting(), interval=60.0)
+    port = server.address[1]
+    try:
+        for n in range(MAX_RENDERINGS):
+            scrape(port, f"/?name[]=x{n}")
+        scrape(port, "/?name[]=x0")  # already rendered
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            scrape(port, "/?name[]=another")
+        assert refused.value.code == 429 and refused.value.headers["Retry-After"] == "1"
+    finally:
+        server.close()
 
 
 def test_a_failing_collector_is_a_500_and_one_log_line(caplog: pytest.LogCaptureFixture) -> None:

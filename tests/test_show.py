@@ -118,12 +118,29 @@ def test_show_goes_on_past_a_daemon_that_is_gone(
     assert out.count("interface: sio0") == 2  # the two live ones are still shown
 
 
-def test_show_with_no_daemon(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert secureioctl.main(["show"]) == 1
-    _, err = capsys.readouterr()
-    assert err == (
-        f"secureioctl show: error: no daemon control socket in {run_dir}; is secureiod running?\n"
-    )
+def test_show_with_no_daemon_shows_nothing(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Like ``wg show all`` with no interface: nothing to show is not an error, with or
+    without the runtime directory."""
+    for directory in (run_dir, run_dir / "absent"):
+        monkeypatch.setattr(ctl, "RUN_DIR", directory)
+        assert secureioctl.main(["show"]) == 0
+        assert capsys.readouterr() == ("", "")
+        assert secureioctl.main(["show", "--json"]) == 0
+        out, err = capsys.readouterr()
+        assert (json.loads(out), err) == ({}, "")
+
+
+def test_show_of_a_named_interface_that_is_not_running(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in (["show", "-i", "sio5"], ["show", "-i", "sio5", "--json"]):
+        assert secureioctl.main(argv) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err.startswith("secureioctl show: error: ") and "sio5" in err, err
+        assert err.count("\n") == 1
 
 
 def test_showconf_is_the_running_config_and_reads_back(

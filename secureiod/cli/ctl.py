@@ -206,13 +206,13 @@ def _resolve_state(peer: dict[str, Any]) -> str:
 def _show_all(args: argparse.Namespace) -> int:
     """``show``: status and peers of one daemon (``-i``/``--socket``), or of every daemon
     with a control socket in the runtime directory, like ``wg show all``. A daemon that
-    does not answer is one error line on stderr; the others are still shown (exit 1)."""
+    does not answer is one error line on stderr; the others are still shown (exit 1).
+    No daemon running is not an error (nothing to show, ``{}`` with ``--json``), so scripts
+    and monitoring can run it unconditionally; a named interface that is not running is."""
     if args.socket is not None or args.interface:
         targets = [_socket_path(args)]
     else:
         targets = sorted(RUN_DIR.glob("*.sock")) if RUN_DIR.is_dir() else []
-        if not targets:
-            raise CliError(f"no daemon control socket in {RUN_DIR}; is secureiod running?", 1)
     shown: dict[str, Any] = {}
     blocks: list[list[str]] = []
     failed = 0

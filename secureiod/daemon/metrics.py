@@ -17,12 +17,16 @@ Everything is bounded: label values come from configured peers (names, keys) and
 reason and state sets (``DROP_REASONS``, ``DropReason``, ``SessionState``), never from what
 the network sends. A drop reason is exported once it has counted: 31 reasons, almost all
 0, for each of a thousand peers would double what every scrape formats. The listener
-serves ``MAX_HTTP_CONNECTIONS`` connections at a time (more are closed at once and
-counted), each with a socket timeout, and it is stopped with the device.
+serves ``MAX_HTTP_CONNECTIONS`` connections at a time, each for at most ``HTTP_DEADLINE``
+seconds from accept to answer (when all are taken, the one waiting longest for its request
+makes room; else the newcomer is closed; all counted), reads the registry at most once per
+``COLLECT_INTERVAL`` however often it is asked, and is stopped with the device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import io
 import ipaddress
 import logging
@@ -30,9 +34,10 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import (
@@ -40,8 +45,8 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
-    make_wsgi_app,
 )
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -61,7 +66,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COLLECT_ATTEMPTS",
+    "COLLECT_INTERVAL",
+    "HTTP_DEADLINE",
     "HTTP_TIMEOUT",
+    "MAX_RENDERINGS",
     "MAX_HTTP_CONNECTIONS",
     "SESSION_DROP_REASONS",
     "SESSION_STATES",
@@ -76,10 +84,22 @@ __all__ = [
 logger = logging.getLogger("secureiod.metrics")
 
 MAX_HTTP_CONNECTIONS: Final = 4
-"""Scrapes served at once; a connection beyond that is closed unanswered (and counted):
-Prometheus scrapes one at a time, so only a misbehaving client ever meets the limit."""
-HTTP_TIMEOUT: Final = 10.0
-"""Seconds a metrics connection may wait on one read or write before it is closed."""
+"""Scrapes served at once. Beyond that the connection that has waited longest for its
+request is closed to make room, or if every one is being answered, the newcomer is closed
+unanswered (all counted): Prometheus scrapes one at a time, so only a misbehaving client
+ever meets the limit."""
+HTTP_DEADLINE: Final = 10.0
+"""Seconds from accepting a metrics connection to its answer written; then it is closed,
+however busily the client trickles bytes (a per-read timeout alone does not bound that)."""
+HTTP_TIMEOUT: Final = HTTP_DEADLINE
+"""Seconds one read or write may block (the deadline bounds the whole connection)."""
+COLLECT_INTERVAL: Final = 1.0
+"""The listener reads the registry at most once per this many seconds; requests meanwhile
+get the same snapshot, so a client scraping in a loop costs the loop one collection a
+second, not one per request."""
+MAX_RENDERINGS: Final = 8
+"""Distinct answers (format, gzip, ``name[]`` filter) rendered from one snapshot; a client
+asking for more different ones within an interval gets 429."""
 SHUTDOWN_POLL: Final = 0.5
 """How often the listener's thread checks for shutdown (``serve_forever``'s poll)."""
 COLLECT_ATTEMPTS: Final = 3
@@ -227,8 +247,16 @@ SPECS: Final = (
         "secureiod_metrics_http_connections_total",
         "counter",
         "Connections to metrics_listen: served, or refused (more than "
-        f"{MAX_HTTP_CONNECTIONS} at once).",
+        f"{MAX_HTTP_CONNECTIONS} at once, every one answering a request).",
         (*IFACE, "result"),
+    ),
+    _spec(
+        "secureiod_metrics_http_connections_closed_total",
+        "counter",
+        "Served connections to metrics_listen the daemon cut: evicted (still no request "
+        "when a newcomer needed the slot), deadline (not answered within "
+        f"{HTTP_DEADLINE:g} s of accept).",
+        (*IFACE, "reason"),
     ),
     # -- each peer --
     _spec(
@@ -462,6 +490,9 @@ class DeviceCollector:
             served, refused = server.connections
             add("secureiod_metrics_http_connections_total", (*iface, "served"), served)
             add("secureiod_metrics_http_connections_total", (*iface, "refused"), refused)
+            evicted, timed_out = server.closed
+            for reason, value in (("evicted", evicted), ("deadline", timed_out)):
+                add("secureiod_metrics_http_connections_closed_total", (*iface, reason), value)
         for peer in peers:
             self._collect_peer(families, d.ifname, peer, now, wall)
         return list(families.values())
@@ -574,32 +605,78 @@ class Metrics:
 # --- the HTTP listener -----------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Connection:
+    """One accepted metrics connection, in ``_Server``'s table until its thread ends."""
+
+    sock: socket.socket
+    accepted: float
+    reading: bool = True
+    """Still waiting for its request line and headers (may be evicted for a newcomer)."""
+    cut: bool = False
+    """Shut down for passing the deadline; its thread is ending."""
+
+
+def _cut(sock: socket.socket) -> None:
+    """Shut the socket down under its thread's feet: a blocked read returns EOF and a
+    blocked write fails at once. The thread still closes it (only it may: a close here
+    could let the descriptor be reused under a read)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 class _Handler(WSGIRequestHandler):
-    timeout = HTTP_TIMEOUT  # per socket operation: a silent client frees its slot
+    timeout = HTTP_TIMEOUT  # per socket operation; ``_Server`` bounds the whole connection
+
+    server: _Server
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        if parsed:
+            self.server.request_read(self.connection)
+        return parsed
 
     def log_message(self, format: str, *args: Any) -> None:
         """No access log: Prometheus scrapes every few seconds."""
 
     def get_stderr(self) -> io.StringIO:
         """wsgiref writes tracebacks of failed writes (a client gone) to stderr; those are
-        the client's problem, and the app itself never raises (``_guarded``)."""
+        the client's problem, and the app itself never raises (``_Exposition``)."""
         return io.StringIO()
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    """wsgiref's server with a thread per connection, at most ``max_connections`` at once."""
+    """wsgiref's server with a thread per connection, at most ``limit`` at once, each with
+    ``deadline`` seconds from accept to its answer written.
+
+    A per-read timeout alone lets a client that sends a byte now and then hold its slot
+    forever (slowloris); the deadline is enforced by the listener's own thread, which wakes
+    every ``SHUTDOWN_POLL`` anyway (``service_actions``). When every slot is taken, the
+    connection that has waited longest for its request is evicted for the newcomer: a
+    client that has not even asked yet loses to one that might; only when every slot holds
+    a request being answered is the newcomer refused."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 16
 
     def __init__(
-        self, address: tuple[Any, ...], family: int, app: Callable[..., Any], limit: int
+        self,
+        address: tuple[Any, ...],
+        family: int,
+        app: Callable[..., Any],
+        limit: int,
+        deadline: float,
     ) -> None:
         self.address_family = family
-        self.slots = threading.BoundedSemaphore(limit)
+        self.limit = limit
+        self.deadline = deadline
         self.served = 0
         self.refused = 0
+        self.evicted = 0
+        self.timed_out = 0
+        self._lock = threading.Lock()
+        self._open: dict[socket.socket, _Connection] = {}
         super().__init__(address, _Handler)
         self.set_app(app)
 
@@ -613,31 +690,174 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         self.setup_environ()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            self.refused += 1
-            self.shutdown_request(request)
-            return
-        self.served += 1
+        with self._lock:
+            if len(self._open) >= self.limit:
+                waiting = [c for c in self._open.values() if c.reading and not c.cut]
+                if not waiting:
+                    self.refused += 1
+                    self.shutdown_request(request)
+                    return
+                oldest = min(waiting, key=lambda c: c.accepted)
+                del self._open[oldest.sock]  # its thread ends at once: it was reading
+                _cut(oldest.sock)
+                self.evicted += 1
+            self._open[request] = _Connection(request, time.monotonic())
+            self.served += 1
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.slots.release()
+            with self._lock:
+                self._open.pop(request, None)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self.slots.release()
+            with self._lock:  # out of the table before the close: never cut after it
+                self._open.pop(request, None)
+            self.shutdown_request(request)
+
+    def request_read(self, sock: socket.socket) -> None:
+        with self._lock:
+            connection = self._open.get(sock)
+            if connection is not None:
+                connection.reading = False
+
+    def service_actions(self) -> None:
+        """Cut connections past the deadline. They keep their slot until their thread
+        ends (at once, unless it waits for a collection), so threads stay bounded."""
+        now = time.monotonic()
+        with self._lock:
+            for connection in self._open.values():
+                if not connection.cut and now - connection.accepted >= self.deadline:
+                    connection.cut = True
+                    self.timed_out += 1
+                    _cut(connection.sock)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away or timed out: not worth more than a debug line."""
         logger.debug("metrics: connection from %s failed", client_address)
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class _Exposition:
+    """The WSGI app: the registry read at most once per ``interval``, whoever asks.
+
+    Collecting a thousand peers takes the GIL from the event loop for a while; a client
+    scraping in a loop would otherwise do it hundreds of times a second and halve the
+    tunnel's throughput. Requests within an interval share one snapshot (one lock: a
+    concurrent request waits for the collection under way instead of starting its own),
+    and its renderings (format, gzip, ``name[]`` filter) are kept with it, at most
+    ``MAX_RENDERINGS``: a client varying its query beyond that gets 429 until the next
+    snapshot. A failed collection is kept too: one rate-limited log line and a 500."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.interval = interval
+        self.clock = clock
+        self.collections = 0
+        self._lock = threading.Lock()
+        self._taken: float | None = None
+        self._families: list[Metric] | Exception = []
+        self._rendered: dict[tuple[str, bool, frozenset[str] | None], _Answer] = {}
+        self._last_error_log = -ERROR_LOG_INTERVAL
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "")
+        if method == "OPTIONS":
+            answer = _Answer("200 OK", [("Allow", "OPTIONS,GET")], b"")
+        elif method != "GET":
+            body = f"# HTTP 405 Method Not Allowed: {method[:32]}; use GET\n".encode()
+            answer = _Answer("405 Method Not Allowed", [("Allow", "OPTIONS,GET")], body)
+        else:
+            answer = self._answer(environ)
+        start_response(answer.status, list(answer.headers))
+        return [answer.body]
+
+    def _answer(self, environ: dict[str, Any]) -> _Answer:
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT") or "")
+        gzipped = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or "")
+        names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
+        key = (content_type, gzipped, frozenset(names) if names is not None else None)
+        with self._lock:
+            families = self._snapshot()
+            if isinstance(families, Exception):
+                return _Answer(
+                    "500 Internal Server Error",
+                    [("Content-Type", "text/plain")],
+                    b"collecting the metrics failed; see the daemon's log\n",
+                )
+            answer = self._rendered.get(key)
+            if answer is not None:
+                return answer
+            if len(self._rendered) >= MAX_RENDERINGS:
+                return _Answer(
+                    "429 Too Many Requests",
+                    [("Content-Type", "text/plain"), ("Retry-After", "1")],
+                    b"too many different queries; ask again in a second\n",
+                )
+            body = encoder(_Frozen(families, key[2]))
+            headers = [("Content-Type", content_type)]
+            if gzipped:
+                body = gzip.compress(body)
+                headers.append(("Content-Encoding", "gzip"))
+            answer = self._rendered[key] = _Answer("200 OK", headers, body)
+            return answer
+
+    def _snapshot(self) -> list[Metric] | Exception:
+        now = self.clock()
+        if self._taken is not None and now - self._taken < self.interval:
+            return self._families
+        self._rendered.clear()
+        self.collections += 1
+        try:
+            self._families = list(self.registry.collect())
+        except Exception as exc:
+            self._families = exc
+            if now - self._last_error_log >= ERROR_LOG_INTERVAL:
+                self._last_error_log = now
+                logger.error("metrics: collecting failed: %s: %s", type(exc).__name__, exc)
+        self._taken = self.clock()  # from its end: a slow collection is not run back to back
+        return self._families
+
+
+class _Frozen:
+    """A snapshot's families as a collector for the encoders, with ``name[]`` applied the
+    way ``prometheus_client`` applies it (samples by name; a family left empty is left out)."""
+
+    def __init__(self, families: list[Metric], names: frozenset[str] | None) -> None:
+        self.families = families
+        self.names = names
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            if self.names is None:
+                yield family
+                continue
+            samples = [s for s in family.samples if s.name in self.names]
+            if samples:
+                kept = Metric(family.name, family.documentation, family.type, family.unit)
+                kept.samples = samples
+                yield kept
+
+
 class MetricsServer:
-    """``metrics_listen``: the registry over HTTP (``prometheus_client``'s WSGI app, any
-    path, GET only, gzip when asked), served from threads of its own."""
+    """``metrics_listen``: the registry over HTTP (the Prometheus text or OpenMetrics
+    format, any path, GET only, gzip when asked), served from threads of its own."""
 
     def __init__(
         self,
@@ -645,10 +865,12 @@ class MetricsServer:
         registry: CollectorRegistry,
         *,
         max_connections: int = MAX_HTTP_CONNECTIONS,
+        deadline: float = HTTP_DEADLINE,
+        interval: float = COLLECT_INTERVAL,
     ) -> None:
         self.listen = listen
         self._thread: threading.Thread | None = None
-        self._last_error_log = -ERROR_LOG_INTERVAL
+        self.app = _Exposition(registry, interval)
         try:
             family, _, _, _, sockaddr = socket.getaddrinfo(
                 listen.host,
@@ -656,7 +878,7 @@ class MetricsServer:
                 type=socket.SOCK_STREAM,
                 flags=socket.AI_NUMERICHOST | socket.AI_PASSIVE,
             )[0]
-            self._server = _Server(sockaddr, family, self._guarded(registry), max_connections)
+            self._server = _Server(sockaddr, family, self.app, max_connections, deadline)
         except (OSError, UnicodeError) as exc:
             why = getattr(exc, "strerror", None) or exc
             raise MetricsError(f"metrics_listen {listen}: cannot listen: {why}") from None
@@ -671,23 +893,10 @@ class MetricsServer:
         """(served, refused) connections so far."""
         return self._server.served, self._server.refused
 
-    def _guarded(self, registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
-        """The library's app, except that a failure while collecting is one rate-limited
-        log line and a 500, never a traceback on stderr."""
-        app = make_wsgi_app(registry)
-
-        def guarded(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-            try:
-                return app(environ, start_response)  # type: ignore[no-any-return]
-            except Exception as exc:
-                now = time.monotonic()
-                if now - self._last_error_log >= ERROR_LOG_INTERVAL:
-                    self._last_error_log = now
-                    logger.error("metrics: collecting failed: %s: %s", type(exc).__name__, exc)
-                start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
-                return [b"collecting the metrics failed; see the daemon's log\n"]
-
-        return guarded
+    @property
+    def closed(self) -> tuple[int, int]:
+        """(evicted, timed-out) connections so far: the served ones the listener cut."""
+        return self._server.evicted, self._server.timed_out
 
     def start(self) -> None:
         if self._thread is not None:
