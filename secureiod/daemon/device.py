@@ -1,16 +1,10 @@
 """The device: one TUN, one UDP socket, one session per peer — wiring only.
 
-Each concern lives in its own module (see the package docstring); ``Device`` builds them,
-registers the two data descriptors with the event loop and, after every wake-up, flushes
-each peer that the wake-up touched once: its aggregated messages go out, its events are
-delivered, its timer is re-armed.
-
-One datagram's trip inward: ``UdpPort.recv_batch`` → ``ReceivePath.on_udp`` →
-``Demultiplexer.receive_datagram`` → ``Session.receive_datagram`` (the core decides) → (after
-the wake-up) ``ReceivePath.drain`` → inner header and source checks → ``TunPort.write``.
-Outward: ``TunPort.read_batch`` → ``SendPath.on_tun`` → ``AllowedIPs.lookup_destination`` →
-``Session.write_message`` → (after the wake-up) ``SendPath.transmit`` →
-``Session.datagrams_to_send`` → ``UdpPort.send_batch``.
+Each concern lives in its own module (see the package docstring and README "How the daemon
+is built", which walks one datagram through them); ``Device`` builds them, registers the
+two data descriptors with the event loop and, after every wake-up, flushes each peer that
+the wake-up touched once: its aggregated messages go out, its events are delivered, its
+timer is re-armed.
 """
 
 from __future__ import annotations
@@ -225,14 +219,13 @@ class Device:
         return [p.describe(now) for p in self.peers.values()]
 
     def handle_command(self, command: str, request: dict[str, Any]) -> Any:
-        if command == "status":
-            return self.status()
-        if command == "peers":
-            return self.peers_info()
-        if command == "reload":
-            return self.reload().as_dict()
-        if command == "metrics":
-            return self.metrics.text()
-        if command == "showconf":
-            return running_config_toml(self.config)
-        raise ControlError(f"unknown command {command!r}")
+        commands = {
+            "status": self.status,
+            "peers": self.peers_info,
+            "reload": lambda: self.reload().as_dict(),
+            "metrics": self.metrics.text,
+            "showconf": lambda: running_config_toml(self.config),
+        }
+        if command not in commands:
+            raise ControlError(f"unknown command {command!r}")
+        return commands[command]()
