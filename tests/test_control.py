@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import random
 import signal
 import socket
@@ -44,7 +45,9 @@ from secureiod.daemon.loop import EventLoop
 
 REPO = Path(__file__).resolve().parent.parent
 CTL = [sys.executable, "-m", "secureiod.cli.secureioctl"]
-SETPRIV_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+SETPRIV_NO_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+"""Root without any capability: file permissions apply to it like to anyone, while it can
+still read the checkout (which may sit in a 0700 /root, as in ``make test-fresh``)."""
 
 STATUS: dict[str, Any] = {
     "interface": "sio0",
@@ -1033,17 +1036,20 @@ def test_peers_shows_how_an_endpoint_name_is_looked_up() -> None:
 
 
 def test_secureioctl_permission_denied() -> None:
-    """As an unprivileged user outside group secureiod (root would pass any mode)."""
+    """A caller outside the socket's owner and group (root with every capability would
+    pass any mode, so the client runs as root without capabilities on a socket that
+    belongs to nobody)."""
     run_dir = Path(tempfile.mkdtemp(prefix="sio-ctl-"))
     try:
         run_dir.chmod(0o755)
         path = run_dir / "sio0.sock"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(path))
+        os.chown(path, 65534, 65534)
         path.chmod(0o660)
         listener.listen(1)
         r = subprocess.run(
-            [*SETPRIV_NOBODY, *CTL, "status", "--socket", str(path)],
+            [*SETPRIV_NO_CAPS, *CTL, "status", "--socket", str(path)],
             capture_output=True,
             text=True,
             timeout=30,
