@@ -1992,3 +1992,16 @@ def echo_reply(packet: bytes) -> bytes:
         return ping4(ip_dst(packet), ip_src(packet), seq, packet[ihl + 8 :], reply=True)
     seq = struct.unpack_from("!H", packet, 46)[0]
     return ping6(ip_dst(packet), ip_src(packet), seq, packet[48:], reply=True)
+
+
+def hub_with_a_newcomer(root: Path) -> tuple[ConfigBuilder, Tunnel]:
+    """Reload scenes: a with peers b, c, d (all up); e knows a, but a does not know e yet
+    (a reload that adds it is the test)."""
+    builder = ConfigBuilder(root)
+    a = builder.add("a")
+    for name in ("b", "c", "d", "e"):
+        builder.connect(a, builder.add(name))
+    del a.peers["e"]
+    tunnel = Tunnel(builder)
+    tunnel.wait_established([("a", p) for p in "bcd"], timeout=5)
+    return builder, tunnel

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from fakes import ConfigBuilder, Tunnel, ping4
+from fakes import ConfigBuilder, Tunnel, hub_with_a_newcomer, ping4
 
 from secureiod import config as config_module
 from secureiod.control import ControlError
@@ -20,20 +20,8 @@ from secureiod.secureio.identity import Identity, write_identity
 NET = ipaddress.ip_network
 
 
-def _five_sites(tmp_path: Path) -> tuple[ConfigBuilder, Tunnel]:
-    """a with peers b, c, d (all up); e exists and knows a, but a does not know e yet."""
-    builder = ConfigBuilder(tmp_path)
-    a = builder.add("a")
-    for name in ("b", "c", "d", "e"):
-        builder.connect(a, builder.add(name))
-    del a.peers["e"]
-    tunnel = Tunnel(builder)
-    tunnel.wait_established([("a", p) for p in "bcd"], timeout=5)
-    return builder, tunnel
-
-
 def test_reload_applies_the_difference_and_keeps_unchanged_sessions(tmp_path: Path) -> None:
-    builder, tunnel = _five_sites(tmp_path)
+    builder, tunnel = hub_with_a_newcomer(tmp_path)
     a, device = builder.nodes["a"], tunnel.devices["a"]
     netlink = tunnel.nodes["a"].netlink
     b_session = tunnel.peer("a", "b").session
@@ -86,7 +74,7 @@ def test_reload_applies_the_difference_and_keeps_unchanged_sessions(tmp_path: Pa
 
 
 def test_an_unchanged_reload_changes_nothing(tmp_path: Path) -> None:
-    _, tunnel = _five_sites(tmp_path)
+    _, tunnel = hub_with_a_newcomer(tmp_path)
     sessions = {n: p.session for n, p in tunnel.devices["a"].peers.items()}
     calls = len(tunnel.nodes["a"].netlink.calls)
     result = tunnel.call("a", lambda now: tunnel.devices["a"].reload())
@@ -111,7 +99,7 @@ def test_an_unchanged_reload_changes_nothing(tmp_path: Path) -> None:
 def test_a_refused_config_keeps_the_running_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, edit: object, message: str
 ) -> None:
-    builder, tunnel = _five_sites(tmp_path)
+    builder, tunnel = hub_with_a_newcomer(tmp_path)
     device = tunnel.devices["a"]
     running = device.config
     sessions = {n: p.session for n, p in device.peers.items()}
@@ -138,7 +126,7 @@ def test_a_refused_config_keeps_the_running_one(
 
 
 def test_sighup_reload_with_a_refused_config_does_not_raise(tmp_path: Path) -> None:
-    builder, tunnel = _five_sites(tmp_path)
+    builder, tunnel = hub_with_a_newcomer(tmp_path)
     builder.nodes["a"].path.write_text("garbage = [")
     tunnel.call("a", tunnel.devices["a"].reload_logged)
     assert tunnel.devices["a"].status()["reloads_refused"] == 1
@@ -151,7 +139,7 @@ def test_reload_after_the_private_key_became_unreadable(
     """After ``--user`` the daemon may not read its root-owned 0600 key: an unchanged key
     needs no re-read, so a reload still works (it used to be refused). The test runs as
     root, who reads everything, so the dropped user's view is patched in."""
-    builder, tunnel = _five_sites(tmp_path)
+    builder, tunnel = hub_with_a_newcomer(tmp_path)
     a = builder.nodes["a"]
     key = a.directory / "id" / "id_ed25519"
     real_access, real_load = os.access, config_module.load_identity
@@ -176,7 +164,7 @@ def test_reload_after_the_private_key_became_unreadable(
 
 
 def test_reload_refuses_a_different_private_key(tmp_path: Path) -> None:
-    builder, tunnel = _five_sites(tmp_path)
+    builder, tunnel = hub_with_a_newcomer(tmp_path)
     a = builder.nodes["a"]
     write_identity(a.directory / "id", Identity.generate(), overwrite=True)
     with pytest.raises(ControlError, match="private_key"):
@@ -185,7 +173,7 @@ def test_reload_refuses_a_different_private_key(tmp_path: Path) -> None:
 
 
 def test_reload_changes_interface_addresses(tmp_path: Path) -> None:
-    builder, tunnel = _five_sites(tmp_path)
+    builder, tunnel = hub_with_a_newcomer(tmp_path)
     a = builder.nodes["a"]
     a.interface["address"] = ["198.19.0.1/24", "198.19.5.1/24"]
     a.write()

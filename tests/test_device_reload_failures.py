@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import ConfigBuilder, FakeNetlink, Tunnel, ping4, two_sites
+from fakes import ConfigBuilder, FakeNetlink, Tunnel, hub_with_a_newcomer, ping4, two_sites
 
 from secureiod import paths
 from secureiod.control import ControlError
@@ -24,18 +24,6 @@ from secureiod.netlink import NetlinkError
 
 NET = ipaddress.ip_network
 V6_DENIED = "add route fd00:5ec:0:9::/64 dev sio0: Permission denied"
-
-
-def _four_sites(tmp_path: Path) -> tuple[ConfigBuilder, Tunnel]:
-    """a with peers b, c, d (all up); e knows a, a does not know e yet."""
-    builder = ConfigBuilder(tmp_path)
-    a = builder.add("a")
-    for name in ("b", "c", "d", "e"):
-        builder.connect(a, builder.add(name))
-    del a.peers["e"]
-    tunnel = Tunnel(builder)
-    tunnel.wait_established([("a", p) for p in "bcd"], timeout=5)
-    return builder, tunnel
 
 
 def _deny_ipv6_routes(netlink: FakeNetlink) -> Callable[[], None]:
@@ -87,7 +75,7 @@ def test_a_route_the_kernel_refuses_changes_nothing_and_a_second_reload_retries(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
     """The review's case (a): IPv6 off on sio0, an IPv6 prefix added to a peer."""
-    builder, tunnel = _four_sites(tmp_path)
+    builder, tunnel = hub_with_a_newcomer(tmp_path)
     device, netlink = tunnel.devices["a"], tunnel.nodes["a"].netlink
     before = _state(tunnel)
     a = builder.nodes["a"]
@@ -122,7 +110,7 @@ def test_a_reload_refused_half_way_is_rolled_back(
 ) -> None:
     """Peer e added (its IPv4 route goes in, its IPv6 one is refused), d removed, c
     changed in place, b given a new endpoint: all undone, nothing half-applied."""
-    builder, tunnel = _four_sites(tmp_path)
+    builder, tunnel = hub_with_a_newcomer(tmp_path)
     device, netlink = tunnel.devices["a"], tunnel.nodes["a"].netlink
     before = _state(tunnel)
     a = builder.nodes["a"]
@@ -245,7 +233,7 @@ def test_an_unexpected_error_while_switching_peers_is_one_line_and_keeps_the_tru
     """A bug in the in-memory part (after the kernel said yes) cannot be rolled back
     exactly: the daemon keeps running, and ``config`` says which peers really run, so
     the next reload retries the rest instead of answering "unchanged"."""
-    builder, tunnel = _four_sites(tmp_path)
+    builder, tunnel = hub_with_a_newcomer(tmp_path)
     device = tunnel.devices["a"]
     a = builder.nodes["a"]
     del a.peers["d"]
@@ -286,7 +274,7 @@ def test_a_refused_mtu_takes_back_the_new_routes_and_addresses(
 ) -> None:
     """The last kernel step of a reload (a fixed MTU) refused: the routes and address it
     had added before go again."""
-    builder, tunnel = _four_sites(tmp_path)
+    builder, tunnel = hub_with_a_newcomer(tmp_path)
     device, netlink = tunnel.devices["a"], tunnel.nodes["a"].netlink
     before = _state(tunnel)
     a = builder.nodes["a"]
@@ -316,7 +304,7 @@ def test_a_refused_mtu_takes_back_the_new_routes_and_addresses(
 
 
 def test_sighup_never_raises_even_when_telling_systemd_fails(tmp_path: Path) -> None:
-    _, tunnel = _four_sites(tmp_path)
+    _, tunnel = hub_with_a_newcomer(tmp_path)
     device = tunnel.devices["a"]
     notifier = tunnel.nodes["a"].notifier
 
@@ -472,7 +460,7 @@ def test_a_new_key_update_interval_applies_to_running_sessions(tmp_path: Path) -
 
 
 def test_the_summary_names_interface_and_in_place_changes(tmp_path: Path) -> None:
-    builder, tunnel = _four_sites(tmp_path)
+    builder, tunnel = hub_with_a_newcomer(tmp_path)
     a = builder.nodes["a"]
     a.interface["mtu"] = 1400
     a.interface["address"] = [*a.interface["address"], "198.19.7.1/24"]
@@ -498,7 +486,7 @@ def test_the_summary_names_interface_and_in_place_changes(tmp_path: Path) -> Non
 
 
 def test_an_interface_only_change_is_named(tmp_path: Path) -> None:
-    builder, tunnel = _four_sites(tmp_path)
+    builder, tunnel = hub_with_a_newcomer(tmp_path)
     builder.nodes["a"].interface["address"] = ["198.19.0.1/24"]
     builder.nodes["a"].write()
     result = tunnel.call("a", lambda now: tunnel.devices["a"].reload())
@@ -510,7 +498,7 @@ def test_an_interface_only_change_is_named(tmp_path: Path) -> None:
 def test_a_restart_refusal_names_the_real_unit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standard: bool
 ) -> None:
-    builder, tunnel = _four_sites(tmp_path)
+    builder, tunnel = hub_with_a_newcomer(tmp_path)
     a = builder.nodes["a"]
     if standard:
         monkeypatch.setattr(paths, "CONFIG_DIR", a.directory)
