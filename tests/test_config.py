@@ -458,7 +458,7 @@ def test_bad_endpoint(site: Site, endpoint: str, message: str) -> None:
         ("0.0.0.0:5800", "vpn.Example.com.:443", "vpn.Example.com.", 443),
         ("[::]:5800", "[fd00::1]:5801", "fd00::1", 5801),
         ("[::]:5800", "198.18.0.2:1", "198.18.0.2", 1),  # "::" is dual-stack
-        ("[fe80::1%eth0]:5800", "[fe80::2%eth0]:5800", "fe80::2%eth0", 5800),
+        ("[fe80::1%lo]:5800", "[fe80::2%lo]:5800", "fe80::2%lo", 5800),  # lo: on every host
     ],
 )
 def test_good_endpoint(site: Site, listen: str, endpoint: str, host: str, port: int) -> None:
