@@ -38,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
+from .budget import TokenBucket
 from .constants import KX_PACKET_SIZE, PACKET_OVERHEAD
 from .errors import SecureioError
 from .events import SessionState
@@ -84,24 +85,6 @@ class DemuxStats:
     authenticated datagram from there."""
 
 
-class _TokenBucket:
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.stamp: float | None = None
-
-    def take(self, now: float, cost: float = 1.0) -> bool:
-        if self.stamp is not None:
-            self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= cost:
-            self.tokens -= cost
-            return True
-        return False
-
-
 class Demultiplexer(Generic[T]):
     """Maps datagrams to owners (``T``: the caller's hashable peer handle).
 
@@ -135,9 +118,9 @@ class Demultiplexer(Generic[T]):
         self._fallback_keys: list[tuple[PacketKey, int]] = []
         self._max_datagram = 0
         """The largest datagram any session's peer sends: its payload limit P + 53."""
-        self._budget = _TokenBucket(identifications_per_second, identifications_per_second)
-        self._kx_opens = _TokenBucket(key_checks_per_second, key_checks_per_second)
-        self._trials = _TokenBucket(key_checks_per_second, key_checks_per_second)
+        self._budget = TokenBucket(identifications_per_second, identifications_per_second)
+        self._kx_opens = TokenBucket(key_checks_per_second, key_checks_per_second)
+        self._trials = TokenBucket(key_checks_per_second, key_checks_per_second)
         """Separate, so garbage that costs trial decryptions (32 units a datagram at the
         trial limit) cannot starve the key-exchange check, which costs one."""
 
@@ -258,7 +241,7 @@ class Demultiplexer(Generic[T]):
                 return owner
         return None
 
-    def _check(self, bucket: _TokenBucket, now: float, cost: int) -> bool:
+    def _check(self, bucket: TokenBucket, now: float, cost: int) -> bool:
         if bucket.take(now, cost):
             self.stats.key_checks += cost
             return True

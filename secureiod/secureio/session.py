@@ -34,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
+from .budget import TokenBucket
 from .constants import (
     CONTAINER_HEADER_SIZE,
     DEFAULT_PAYLOAD_SIZE_LIMIT_UDP,
@@ -83,26 +84,6 @@ _GO_COVERAGE_WORD: Final = 64
 """A reference receiver counts fragment coverage in 64-byte words (§9.2): re-split
 fragments start on word boundaries so its count stays exact."""
 _KX_BURST: Final = 20.0
-
-
-class _Budget:
-    """A token bucket: ``rate`` tokens a second, at most ``burst`` saved up."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.stamp: float | None = None
-
-    def take(self, now: float) -> bool:
-        if self.stamp is not None:
-            self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
 
 
 class SessionClosedError(SecureioError):
@@ -261,8 +242,8 @@ class Session:
         """A session packet of the current remote session passed the replay window: from
         then on only such packets, or a restart, show where the peer is."""
         self._needs_update = False
-        self._kx_budget = _Budget(opt.key_exchanges_per_second, _KX_BURST)
-        self._kx_budget_strangers = _Budget(opt.key_exchanges_per_second, _KX_BURST)
+        self._kx_budget = TokenBucket(opt.key_exchanges_per_second, _KX_BURST)
+        self._kx_budget_strangers = TokenBucket(opt.key_exchanges_per_second, _KX_BURST)
         self._ring = KeyRing([self._fallback])
         self._ring_version = -1
 
