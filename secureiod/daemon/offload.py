@@ -31,7 +31,7 @@ from ..secureio.events import SessionState
 from ..tun import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6
 
 if TYPE_CHECKING:
-    from .peer import OffloadState, Peer
+    from .peer import Peer
     from .ports import TunPort
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class OffloadCaps:
         if now is None:
             s = peer.session
             now = s.last_received if s is not None and s.last_received is not None else 0.0
-        if _take_token(state, now):
+        if state.caps_budget.take(now):
             self._apply(peer, caps, peers, now)
         else:
             if state.pending_caps is None:
@@ -188,7 +188,7 @@ class OffloadCaps:
             if s is None or not s.is_established:
                 continue
             state = peer.offload
-            if state.pending_caps is not None and _take_token(state, now):
+            if state.pending_caps is not None and state.caps_budget.take(now):
                 self._apply(peer, state.pending_caps, peers, now)
             done, lost = s.fragment_chains
             seen_done, seen_lost = state.chains_seen
@@ -243,19 +243,3 @@ class OffloadCaps:
                 logger.info("%s: TCP segmentation offload %s", self.ifname, "on" if want else "off")
             except Exception as exc:
                 logger.warning("%s: %s", self.ifname, exc)
-
-
-def _take_token(state: OffloadState, now: float) -> bool:
-    """A token bucket per peer: ``CAPS_BURST`` changes, refilled at one per
-    ``CAPS_INTERVAL``; True (and one token spent) when a change may be applied now."""
-    last = state.caps_tokens_at
-    if last is None or now > last:
-        if last is not None:
-            state.caps_tokens = min(
-                float(CAPS_BURST), state.caps_tokens + (now - last) / CAPS_INTERVAL
-            )
-        state.caps_tokens_at = now
-    if state.caps_tokens >= 1.0:
-        state.caps_tokens -= 1.0
-        return True
-    return False

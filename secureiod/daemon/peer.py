@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from ..endpoint import Address, format_endpoint
+from ..secureio.budget import TokenBucket
 from ..secureio.events import SessionState
 from ..secureio.identity import Identity
 from ..secureio.keyexchange import KeyExchangeOptions
 from ..secureio.negotiation import NegotiationOptions
 from ..secureio.session import Session, SessionOptions
 from ..secureio.wire import MessageType
-from .offload import CAPS_BURST, MAX_SEGMENT
+from .offload import CAPS_BURST, CAPS_INTERVAL, MAX_SEGMENT
 
 if TYPE_CHECKING:
     from ..config import PeerConfig
@@ -100,9 +101,10 @@ class OffloadState:
     """While set, we told the peer not to send whole segments (the path loses them)."""
     cooldown: float = OFFLOAD_COOLDOWN
     caps_sent_at: float = 0.0
-    caps_tokens: float = float(CAPS_BURST)
+    caps_budget: TokenBucket = field(
+        default_factory=lambda: TokenBucket(1.0 / CAPS_INTERVAL, float(CAPS_BURST))
+    )
     """Changes of ``remote_caps`` that may be applied now (see ``offload.OffloadCaps``)."""
-    caps_tokens_at: float | None = None
     pending_caps: int | None = None
     """The latest announced caps not applied yet (too many changes in a short time)."""
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
+from .budget import TokenBucket
 from .negotiation import MIN_PAYLOAD_SIZE, MIN_PROBE_SIZE
 from .negotiation_message import NegotiationProbe, encode_ping
 
@@ -200,8 +201,7 @@ class PathProber:
         self._last_confirm = 0.0
         self._next_raise: float | None = None
         self._raise_delay = options.raise_interval
-        self._tokens = float(options.search_burst)
-        self._token_stamp: float | None = None
+        self._searches = TokenBucket(1.0 / options.search_refill, float(options.search_burst))
         self._iteration = 0
         self._outgoing: list[bytes] = []
         self._decision: tuple[int, str] | None = None
@@ -416,15 +416,9 @@ class PathProber:
         self._failures = 0
 
     def _take_token(self, now: float) -> bool:
-        o = self.options
-        if self._token_stamp is not None:
-            gained = max(0.0, now - self._token_stamp) / o.search_refill
-            self._tokens = min(float(o.search_burst), self._tokens + gained)
-        self._token_stamp = now
-        if self._tokens < 1.0:
+        if not self._searches.take(now):
             self.stats.searches_refused += 1
             return False
-        self._tokens -= 1.0
         return True
 
     def _begin_search(
