@@ -86,7 +86,7 @@ mkdir -p "$STAGE$PREFIX"
     "$SVENV/bin/pip" install -q ${PIP:-} --no-compile --only-binary :all: "$WORK"/wheels/secureiod-*.whl
     "$SVENV/bin/python" - <<'PYEOF'
 import importlib, sys
-for m in ("secureiod.secureio._accel", "nacl.bindings", "blake3", "pydantic", "pyroute2",
+for m in ("secureiod.secureio._accel", "secureiod.secureio._rxbatch", "nacl.bindings", "blake3", "pydantic", "pyroute2",
           "cryptography.hazmat.primitives.asymmetric.ed25519", "secureiod.cli.daemon"):
     importlib.import_module(m)
 import secureiod.secureio._accel as a, nacl._sodium as s
@@ -127,10 +127,13 @@ chmod -R u+rwX,go+rX,go-w "$STAGE$PREFIX"
 # --- everything else -------------------------------------------------------------------
 install -d -m 0755 "$STAGE/usr/bin" "$STAGE/lib/systemd/system" \
     "$STAGE/usr/share/doc/$PKG/examples" "$STAGE/usr/share/man/man8" \
-    "$STAGE/usr/share/lintian/overrides" "$STAGE/usr/share/bash-completion/completions"
+    "$STAGE/usr/share/lintian/overrides" "$STAGE/usr/share/bash-completion/completions" \
+    "$STAGE/usr/share/polkit-1/rules.d"
 ln -s "$VENV/bin/secureiod" "$STAGE/usr/bin/secureiod"
 ln -s "$VENV/bin/secureioctl" "$STAGE/usr/bin/secureioctl"
 install -m 0644 "$REPO/packaging/systemd/secureiod@.service" "$STAGE/lib/systemd/system/"
+# `dns = [...]` under the unit: resolved asks polkit whether user secureiod may (see the file).
+install -m 0644 "$REPO/packaging/polkit/secureiod.rules" "$STAGE/usr/share/polkit-1/rules.d/"
 install -m 0644 "$REPO"/config/*.toml "$STAGE/usr/share/doc/$PKG/examples/"
 install -m 0644 "$REPO/config/README.md" "$STAGE/usr/share/doc/$PKG/examples/README.md"
 install -m 0644 "$HERE/copyright" "$STAGE/usr/share/doc/$PKG/copyright"
@@ -172,6 +175,8 @@ grep -vE 'no dependency information found|should already be installed|could avoi
 # libsodium23 is named even if dpkg-shlibdeps finds it (our C accelerator links it);
 # iproute2 for the admin's `ip`, procps for the unit's /bin/kill, adduser for postinst,
 # acl for the unit's setfacl (access to /dev/net/tun where it is 0600).
+# Suggests: `dns = [...]` is applied through systemd-resolved, which lets the unit's user
+# change a link's DNS only through polkit (packaging/polkit/secureiod.rules).
 DEPENDS="python3 (>= $PYVER), python3 (<< $PYNEXT), $shlibs, libsodium23, iproute2, procps, adduser, acl"
 # Keep the first mention of each package (libsodium23 (>= x) over a bare libsodium23).
 DEPENDS=$("$PY" -c '
@@ -200,6 +205,7 @@ Architecture: $ARCH
 Maintainer: $MAINTAINER
 Installed-Size: $SIZE
 Depends: $DEPENDS
+Suggests: systemd-resolved, polkitd
 Section: net
 Priority: optional
 Description: VPN daemon carrying IP packets over secureio sessions

@@ -59,7 +59,12 @@ def log(message: str) -> None:
 
 
 def run(
-    argv: Sequence[str], *, timeout: float = 60.0, check: bool = True, input: str | None = None
+    argv: Sequence[str],
+    *,
+    timeout: float = 60.0,
+    check: bool = True,
+    input: str | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         list(argv),
@@ -68,6 +73,7 @@ def run(
         text=True,
         timeout=timeout,
         stdin=None if input is not None else subprocess.DEVNULL,
+        cwd=cwd,
     )
     if check and result.returncode != 0:
         raise AssertionError(
@@ -153,6 +159,79 @@ def cached_root() -> Path:
         stamp.write_text(f"{SUITE} {mirror}\n{INCLUDE}\n")
         log(f"debootstrap took {time.monotonic() - started:.1f} s")
         return root
+
+
+def installed_version(root: Path, package: str) -> str:
+    """The version of ``package`` in ``root``'s dpkg database."""
+    status = (root / "var/lib/dpkg/status").read_text()
+    for stanza in status.split("\n\n"):
+        if re.search(rf"^Package: {re.escape(package)}$", stanza, re.M):
+            m = re.search(r"^Version: (\S+)$", stanza, re.M)
+            if m:
+                return m.group(1)
+    raise AssertionError(f"{package} is not installed in {root}")
+
+
+def cached_debs(root: Path, packages: Sequence[str]) -> list[Path]:
+    """The .deb files that add ``packages`` (``name`` or ``name=version``) and whatever
+    they need to the cached root, for ``dpkg -i`` inside a container (which has no network).
+    The host's apt plans the install against the root's own dpkg database (so only what
+    the root lacks) and ``apt-get download`` fetches each file into ``CACHE_DIR/debs``,
+    once: a manifest per root and package list names the files, and later runs use them
+    without asking apt (whose lists may since have moved on to a version the root's own
+    systemd does not match). The packages stay out of ``INCLUDE`` so that the containers of
+    the other tests do not run them."""
+    debs = CACHE_DIR / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{root.name} {' '.join(packages)}".encode()).hexdigest()[:12]
+    manifest = debs / f"manifest-{key}"
+    with open(CACHE_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if manifest.exists():
+            files = [debs / name for name in manifest.read_text().split()]
+            if files and all(p.exists() for p in files):
+                return files
+        wanted = _plan_install(root, packages)
+        files = [debs / f"{n}_{v.replace(':', '%3a')}_{a}.deb" for n, v, a in wanted]
+        missing = [f"{n}={v}" for (n, v, _), p in zip(wanted, files, strict=True) if not p.exists()]
+        if missing:
+            log(f"apt-get download {' '.join(missing)} into {debs} (cached for later runs)")
+            # As root into a directory user _apt cannot write: apt warns and goes on.
+            run(["apt-get", "download", "-q", *missing], timeout=300, cwd=debs)
+        absent = [str(p) for p in files if not p.exists()]
+        if absent:
+            raise AssertionError(f"apt-get download did not leave {absent}")
+        manifest.write_text("".join(f"{p.name}\n" for p in files))
+        return files
+
+
+def _plan_install(root: Path, packages: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(name, version, arch) of each package apt would install into ``root``; runs
+    ``apt-get update`` once if the host's lists do not know them (a fresh host)."""
+    argv = [
+        "apt-get",
+        "-s",
+        "-q",
+        "--no-install-recommends",
+        "-o",
+        f"Dir::State::status={root / 'var/lib/dpkg/status'}",
+        "install",
+        *packages,
+    ]
+    plan = run(argv, check=False)
+    if plan.returncode != 0:
+        run(["apt-get", "update", "-qq"], timeout=300)
+        plan = run(argv, check=False)
+    if plan.returncode != 0:
+        raise AssertionError(
+            f"the host's apt cannot plan {' '.join(packages)} for {root.name}; if a "
+            f"version is no longer in the archive, remove {root} and its .complete file "
+            f"so that the next run debootstraps a current root:\n{plan.stdout}{plan.stderr}"
+        )
+    wanted = re.findall(r"^Inst (\S+) (?:\[\S+\] )?\((\S+) .*\[(\S+)\]\)", plan.stdout, re.M)
+    if not wanted:
+        raise AssertionError(f"apt plans nothing for {packages}:\n{plan.stdout}")
+    return wanted
 
 
 @dataclass
