@@ -400,10 +400,20 @@ def test_readme_full_tunnel_example_works_as_written(net: Net) -> None:
 # --- what the host must allow, and DNS ---------------------------------------------------------
 
 
-def test_strict_rp_filter_is_named_with_its_fix(net: Net) -> None:
+def test_strict_rp_filter_is_named_with_its_fix(net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
     """Strict reverse-path filtering drops the server's datagrams (their source looks
-    routed into the tunnel when looked up without the mark): one warning line names the
-    sysctl, and applying it lets the session come up."""
+    routed into the tunnel when looked up without the mark). The daemon's mark restore
+    (test_full_tunnel_rpfilter.py) is refused here, as nft is for a daemon without
+    CAP_NET_ADMIN: one warning line names the sysctl, and applying it lets the session
+    come up."""
+    bindir = net.workdir / "bin"
+    bindir.mkdir()
+    stub = bindir / "nft"
+    stub.write_text(
+        '#!/bin/sh\necho "Error: Could not process rule: Operation not permitted" >&2\nexit 1\n'
+    )
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
     h = home(net)
     h.a.add_peer(h.b, endpoint=B_ENDPOINT[4], allowed_ips=FULL)
     h.b.add_peer(h.a)

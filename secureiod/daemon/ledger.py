@@ -1,7 +1,8 @@
 """What this daemon added to the host, written down before it is added.
 
 A daemon that is killed (``kill -9``, the OOM killer, a crash systemd restarts) cannot give
-back its routes, rules and addresses, and the ones that outlive it are the harmful ones:
+back its routes, rules and addresses (nor the nftables table and sysctl of ``nft.py``, nor
+a persistent TUN's MTU), and the ones that outlive it are the harmful ones:
 policy rules that send the host's traffic into a table nobody serves, routes on a
 persistent TUN device. So every such change is recorded here first, and the next start
 reads the record and removes exactly those items: never more (nothing is guessed from
@@ -98,7 +99,44 @@ class OwnedDns:
         return f"DNS settings of {self.dev}"
 
 
-Owned: TypeAlias = OwnedRoute | OwnedRule | OwnedAddress | OwnedDns
+@dataclass(frozen=True, slots=True)
+class OwnedNftTable:
+    """An nftables table the daemon created (``nft.py``); removed by family and name."""
+
+    family: str
+    name: str
+
+    def describe(self) -> str:
+        return f"nftables table {self.family} {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class OwnedSysctl:
+    """A sysctl the daemon changed: ``key`` as under /proc/sys (``net/ipv4/conf/all/
+    src_valid_mark``), ``value`` the one it had before, which stop puts back."""
+
+    key: str
+    value: str
+
+    def describe(self) -> str:
+        return f"sysctl {self.key.replace('/', '.')} (back to {self.value})"
+
+
+@dataclass(frozen=True, slots=True)
+class OwnedMtu:
+    """The MTU a TUN device had before the daemon attached to it: only recorded for a
+    device the daemon did not create (a persistent one), which outlives it."""
+
+    dev: str
+    mtu: int
+
+    def describe(self) -> str:
+        return f"MTU of {self.dev} (back to {self.mtu})"
+
+
+Owned: TypeAlias = (
+    OwnedRoute | OwnedRule | OwnedAddress | OwnedDns | OwnedNftTable | OwnedSysctl | OwnedMtu
+)
 
 
 def _to_json(item: Owned) -> dict[str, Any]:
@@ -124,6 +162,12 @@ def _to_json(item: Owned) -> dict[str, Any]:
         }
     if isinstance(item, OwnedAddress):
         return {"kind": "address", "dev": item.dev, "address": str(item.address)}
+    if isinstance(item, OwnedNftTable):
+        return {"kind": "nft-table", "family": item.family, "name": item.name}
+    if isinstance(item, OwnedSysctl):
+        return {"kind": "sysctl", "key": item.key, "value": item.value}
+    if isinstance(item, OwnedMtu):
+        return {"kind": "mtu", "dev": item.dev, "mtu": item.mtu}
     return {"kind": "dns", "dev": item.dev}
 
 
@@ -174,7 +218,56 @@ def _from_json(data: object) -> Owned:
         return OwnedAddress(_name(data["dev"]), ipaddress.ip_interface(str(data["address"])))
     if kind == "dns":
         return OwnedDns(_name(data["dev"]))
+    if kind == "nft-table":
+        return OwnedNftTable(_nft_family(data["family"]), _nft_name(data["name"]))
+    if kind == "sysctl":
+        return OwnedSysctl(_sysctl_key(data["key"]), _sysctl_value(data["value"]))
+    if kind == "mtu":
+        mtu = _u32(data["mtu"])
+        if not MIN_LINK_MTU <= mtu <= MAX_LINK_MTU:
+            raise ValueError(f"not a link MTU: {mtu}")
+        return OwnedMtu(_name(data["dev"]), mtu)
     raise ValueError(f"unknown kind {kind!r}")
+
+
+# A record is read back as root and its items are handed to nft and written under
+# /proc/sys: only the shapes the daemon itself writes are accepted, so an edited record
+# cannot make a start remove someone else's table or set an arbitrary sysctl.
+MIN_LINK_MTU: Final = 68
+MAX_LINK_MTU: Final = 65535
+NFT_FAMILIES: Final = frozenset({"inet"})
+NFT_TABLE_PREFIX: Final = "secureiod-"
+SYSCTL_KEYS: Final = frozenset({"net/ipv4/conf/all/src_valid_mark"})
+
+
+def _nft_family(value: object) -> str:
+    if value not in NFT_FAMILIES:
+        raise ValueError(f"not an nftables family of ours: {value!r}")
+    return str(value)
+
+
+def _nft_name(value: object) -> str:
+    if (
+        not isinstance(value, str)
+        or not value.startswith(NFT_TABLE_PREFIX)
+        or not value[len(NFT_TABLE_PREFIX) :]
+        or len(value) > 64
+        or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in value)
+    ):
+        raise ValueError(f"not an nftables table of ours: {value!r}")
+    return value
+
+
+def _sysctl_key(value: object) -> str:
+    if value not in SYSCTL_KEYS:
+        raise ValueError(f"not a sysctl the daemon changes: {value!r}")
+    return str(value)
+
+
+def _sysctl_value(value: object) -> str:
+    if not isinstance(value, str) or not value.isdigit() or len(value) > 10:
+        raise ValueError(f"not a sysctl value: {value!r}")
+    return value
 
 
 def current_netns() -> int | None:

@@ -15,6 +15,11 @@ not add, and gives back exactly what it added.
   MTU logic sees the underlay path the daemon's datagrams take, not the tunnel.
 * Everything added is in the ``Ledger`` (``ledger.py``); ``give_back`` removes exactly that,
   newest first, and ``undo`` does the same for what a killed instance recorded.
+* A full tunnel on a host with strict reverse-path filtering gets wg-quick's mark
+  restore (``nft.py``: an nftables table of its own and ``src_valid_mark``), recorded
+  and given back like the rest.
+* The MTU of a TUN device the daemon did not create (a persistent one) is recorded
+  before the daemon first changes it, and put back at stop (or at the next start).
 * Across a reload a prefix keeps its route: ``release`` marks it, ``install`` by any peer of
   the new config adopts it, ``settle`` (the end of the reload) removes what nobody took.
   A full tunnel's default route and rules therefore never lapse, and traffic never leaks
@@ -32,8 +37,26 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..netlink import NetlinkError, RouteInfo, Rule, default_metric
 from .dns import DnsPort
-from .ledger import Ledger, Owned, OwnedAddress, OwnedDns, OwnedRoute, OwnedRule
-from .policy import RoutingPlan, decide_plan, policy_rules, strict_rp_filter
+from .ledger import (
+    Ledger,
+    Owned,
+    OwnedAddress,
+    OwnedDns,
+    OwnedMtu,
+    OwnedNftTable,
+    OwnedRoute,
+    OwnedRule,
+    OwnedSysctl,
+)
+from .nft import (
+    HostFilterError,
+    HostFilterPort,
+    MarkRestore,
+    default_host_filter,
+    remove,
+)
+from .nft import table_name as restore_table
+from .policy import RoutingPlan, decide_plan, policy_rules
 from .ports import Interface, NetlinkPort, Network
 
 if TYPE_CHECKING:
@@ -62,8 +85,19 @@ class _Placed:
 class OwnedNetlink:
     """The netlink that ``Routes`` works through (see module doc)."""
 
-    def __init__(self, netlink: NetlinkPort, ifname: str, interface: InterfaceConfig) -> None:
+    def __init__(
+        self,
+        netlink: NetlinkPort,
+        ifname: str,
+        interface: InterfaceConfig,
+        *,
+        created: bool = True,
+    ) -> None:
+        """``created``: the daemon created the TUN device (it goes away with the daemon);
+        False for a persistent device someone else made, whose MTU is then given back."""
         self.raw = netlink
+        self.created = created
+        self.host: HostFilterPort | None = default_host_filter(netlink)
         self.ifname = ifname
         self.interface = interface
         self.plan: RoutingPlan | None = None
@@ -81,16 +115,20 @@ class OwnedNetlink:
         plan: RoutingPlan | None = None,
         ledger: Ledger | None = None,
         dns: DnsPort | None = None,
+        host_filter: HostFilterPort | None = None,
     ) -> None:
         """What the daemon decided before the device existed: the plan its UDP socket's mark
-        came from, the record on disk, the DNS adapter. Unset: decided from the config,
-        kept in memory, no DNS changes."""
+        came from, the record on disk, the DNS adapter, the sysctl/nft adapter. Unset:
+        decided from the config, kept in memory, no DNS changes, the real sysctl and nft
+        only with the real netlink (``nft.default_host_filter``)."""
         if plan is not None:
             self.plan = plan
         if ledger is not None:
             self.ledger = ledger
         if dns is not None:
             self.dns = dns
+        if host_filter is not None:
+            self.host = host_filter
 
     def routing_plan(self) -> RoutingPlan:
         if self.plan is None:
@@ -110,6 +148,19 @@ class OwnedNetlink:
         )
 
     def set_mtu(self, name: str, mtu: int) -> None:
+        """Set the link MTU; on a device the daemon did not create, the MTU it had is
+        recorded first (once), so that stop puts it back."""
+        if not self.created and not any(
+            isinstance(i, OwnedMtu) and i.dev == name for i in self.ledger.items()
+        ):
+            original = int(self.raw.get_mtu(name))
+            if original != mtu:
+                self.ledger.add(OwnedMtu(name, original))
+                logger.info(
+                    "%s existed before this daemon: its MTU %d is given back at stop",
+                    name,
+                    original,
+                )
         self.raw.set_mtu(name, mtu)
 
     def set_up(self, name: str) -> None:
@@ -290,6 +341,10 @@ class OwnedNetlink:
         if version in self._policy:
             return
         plan = self.routing_plan()
+        if version == 4 and not self._rp_checked:
+            self._rp_checked = True
+            assert plan.fwmark is not None, "a full tunnel needs a mark"
+            self._keep_replies(plan.fwmark)
         rules = policy_rules(version, plan, (r.priority for r in self.raw.rules(version)))
         added: list[Rule] = []
         try:
@@ -318,23 +373,62 @@ class OwnedNetlink:
             mark.priority,
             mark.fwmark,
         )
-        if version == 4 and not self._rp_checked:
-            self._rp_checked = True
-            strict = strict_rp_filter(exclude=(self.ifname,))
-            if strict:
-                names = ", ".join(strict)
-                logger.warning(
-                    "strict reverse-path filtering (rp_filter=1) on %s drops the peers' "
-                    "datagrams that arrive there while the tunnel holds the default route; "
-                    "make it loose: sysctl -w net.ipv4.conf.all.rp_filter=2 "
-                    "net.ipv4.conf.%s.rp_filter=2",
-                    names,
-                    strict[0],
-                )
+
+    def _keep_replies(self, mark: int) -> None:
+        """Under strict reverse-path filtering, the mark restore of ``nft.py`` (before the
+        rules exist, so no reply is ever dropped); one warning line with the fix when it
+        cannot be had."""
+        if self.host is None:
+            return
+        restore = MarkRestore(self.host, self.ledger, self.ifname)
+        strict = restore.strict_devices()
+        if not strict:
+            return
+        names = ", ".join(strict)
+        try:
+            restore.apply(mark, strict)
+        except FileNotFoundError:
+            reason = "nft (nftables) is not installed"
+        except HostFilterError as exc:
+            reason = str(exc)
+        else:
+            logger.info(
+                "strict reverse-path filtering on %s: the replies to the daemon's datagrams "
+                "get their mark %#x back (nftables table %s, src_valid_mark) so the filter "
+                "finds them routed the way they came",
+                names,
+                mark,
+                "inet " + restore_table(self.ifname),
+            )
+            return
+        logger.warning(
+            "%s: strict reverse-path filtering (rp_filter=1) on %s drops the peers' datagrams "
+            "that arrive there while the tunnel holds the default route; make it loose: "
+            "sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2",
+            reason,
+            names,
+            strict[0],
+        )
+
+    def _drop_mark_restore(self) -> None:
+        """The last IPv4 default route went (a reload): so does the mark restore."""
+        self._rp_checked = False
+        if self.host is None:
+            return
+        for item in reversed(self.ledger.items()):
+            if isinstance(item, OwnedNftTable | OwnedSysctl):
+                try:
+                    remove(self.host, item)
+                except (HostFilterError, OSError) as exc:
+                    logger.warning("removing %s: %s", item.describe(), exc)
+                else:
+                    self.ledger.discard(item)
 
     def _drop_policy(self, version: int) -> None:
         for rule in reversed(self._policy.pop(version)):
             self._delete_rule(rule)
+        if version == 4:
+            self._drop_mark_restore()
 
     def _delete_rule(self, rule: Rule) -> None:
         try:
@@ -349,7 +443,8 @@ class OwnedNetlink:
     def give_back(self) -> None:
         """Remove everything the record holds (routes, rules, addresses, DNS), newest
         first; what cannot be removed stays in the record for the next start."""
-        undo(self.raw, self.ledger.items(), self.dns, self.ledger)
+        undo(self.raw, self.ledger.items(), self.dns, self.ledger, self.host)
+        self._rp_checked = False
         self._placed.clear()
         self._policy.clear()
         self._host.clear()
@@ -360,13 +455,17 @@ def undo(
     items: Iterable[Owned],
     dns: DnsPort | None,
     ledger: Ledger | None = None,
+    host: HostFilterPort | None = None,
 ) -> int:
     """Remove ``items`` (as recorded, oldest first) newest first; each removed one leaves
-    ``ledger``. Returns how many could not be removed (each logged)."""
+    ``ledger``. ``host`` is for nftables tables and sysctls (default: the real ones when
+    ``netlink`` is the real netlink). Returns how many could not be removed (each logged)."""
+    if host is None:
+        host = default_host_filter(netlink)
     failed = 0
     for item in reversed(list(items)):
         try:
-            _undo_one(netlink, item, dns)
+            _undo_one(netlink, item, dns, host)
         except Exception as exc:  # one failure must not keep the rest in place
             failed += 1
             logger.warning("removing %s: %s", item.describe(), exc)
@@ -376,8 +475,20 @@ def undo(
     return failed
 
 
-def _undo_one(netlink: NetlinkPort, item: Owned, dns: DnsPort | None) -> None:
-    if isinstance(item, OwnedRoute):
+def _undo_one(
+    netlink: NetlinkPort, item: Owned, dns: DnsPort | None, host: HostFilterPort | None
+) -> None:
+    if isinstance(item, OwnedNftTable | OwnedSysctl):
+        if host is None:
+            raise HostFilterError("no nft/sysctl adapter in this process")
+        remove(host, item)
+    elif isinstance(item, OwnedMtu):
+        try:
+            netlink.set_mtu(item.dev, item.mtu)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:  # a device that is gone has no MTU to restore
+                raise
+    elif isinstance(item, OwnedRoute):
         netlink.delete_route(item.dst, item.dev, table=item.table, metric=item.metric)
     elif isinstance(item, OwnedRule):
         netlink.delete_rule(item.rule)
@@ -392,18 +503,26 @@ def _undo_one(netlink: NetlinkPort, item: Owned, dns: DnsPort | None) -> None:
 
 
 def undo_leftovers(
-    netlink: NetlinkPort, items: list[Owned], dns: DnsPort | None, ledger: Ledger
+    netlink: NetlinkPort,
+    items: list[Owned],
+    dns: DnsPort | None,
+    ledger: Ledger,
+    host: HostFilterPort | None = None,
 ) -> None:
     """At start: remove what a previous instance recorded and did not give back (it was
-    killed); one log line says what."""
+    killed); one log line says what. ``host`` as for ``undo``."""
     if not items:
         return
     for item in items:  # recorded again first: if this start dies too, the next one retries
         ledger.add(item)
-    failed = undo(netlink, items, dns, ledger)
+    failed = undo(netlink, items, dns, ledger, host)
     kinds: dict[str, int] = {}
     for item in items:
-        kind = {OwnedDns: "DNS setting"}.get(type(item), type(item).__name__[5:].lower())
+        kind = {
+            OwnedDns: "DNS setting",
+            OwnedNftTable: "nftables table",
+            OwnedMtu: "MTU",
+        }.get(type(item), type(item).__name__[5:].lower())
         kinds[kind] = kinds.get(kind, 0) + 1
     summary = ", ".join(f"{n} {_plural(k, n)}" for k, n in kinds.items())
     logger.warning(

@@ -145,7 +145,7 @@ def strict_rp_filter(
     A full tunnel routes unmarked traffic into the tunnel, and the kernel's reverse-path
     check looks up a received datagram's source without a mark: a peer's datagrams
     arriving on a strict device then look as if they came in the wrong way and are dropped
-    (wg-quick works around it with nftables marks; we say so instead)."""
+    (``nft.py`` gives them their mark back, as wg-quick does)."""
     conf = "/proc/sys/net/ipv4/conf"
     all_value = read(f"{conf}/all/rp_filter")
     base = int(all_value) if all_value and all_value.isdigit() else 0

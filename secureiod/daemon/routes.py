@@ -46,10 +46,19 @@ def payload_limit_for_mtu(mtu: int, ipv6: bool) -> int:
 
 
 class Routes:
-    def __init__(self, netlink: NetlinkPort, ifname: str, interface: InterfaceConfig) -> None:
+    def __init__(
+        self,
+        netlink: NetlinkPort,
+        ifname: str,
+        interface: InterfaceConfig,
+        *,
+        created: bool = True,
+    ) -> None:
+        """``created`` False: the TUN device existed before the daemon (a persistent one),
+        so what the daemon changes on it (its MTU) is given back at stop."""
         # Every call below goes through the guard: route writes reach only the daemon's
         # own routes, and route lookups see the path of the daemon's (marked) datagrams.
-        self.netlink = OwnedNetlink(netlink, ifname, interface)
+        self.netlink = OwnedNetlink(netlink, ifname, interface, created=created)
         self.ifname = ifname
         self.interface = interface
         self.link_mtu: int | None = None
