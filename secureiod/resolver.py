@@ -9,23 +9,26 @@ counted as pending until ``getaddrinfo`` finally returns, so ``max_pending`` als
 how many threads a black-holed DNS server can pin.
 
 ``Backoff`` is the retry schedule the daemon uses for names that do not resolve.
+``prefetch`` resolves the peers' names once at start, blocking for a bounded time, before
+the daemon installs anything (a full tunnel's rules) that could capture the lookups.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import queue
 import random
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .endpoint import Address
 
-__all__ = ["Backoff", "ResolveCallback", "ThreadResolver", "normalize_answers"]
+__all__ = ["Backoff", "ResolveCallback", "ThreadResolver", "normalize_answers", "prefetch"]
 
 logger = logging.getLogger(__name__)
 
@@ -335,3 +338,55 @@ class Backoff:
 
     def reset(self) -> None:
         self._current = self.initial
+
+
+def prefetch(
+    names: Iterable[tuple[str, int]],
+    family: int,
+    *,
+    budget: float = 5.0,
+    workers: int = 4,
+    getaddrinfo: Callable[..., list] | None = None,
+) -> dict[tuple[str, int], list[Address] | str]:
+    """Resolve every (host, port) of ``names`` at once, in parallel, waiting at most
+    ``budget`` seconds in all: each gets its addresses, or one line saying why not (a name
+    still unanswered at the end says so). Blocks: for the start, before the event loop."""
+    wanted = list(dict.fromkeys(names))
+    results: dict[tuple[str, int], list[Address] | str] = {}
+    if not wanted:
+        return results
+    answers: queue.SimpleQueue[Callable[[float], None]] = queue.SimpleQueue()
+    resolver = ThreadResolver(
+        answers.put,
+        max_pending=len(wanted),
+        workers=min(workers, len(wanted)),
+        timeout=budget,
+        getaddrinfo=getaddrinfo,
+    )
+
+    def answer(key: tuple[str, int]) -> ResolveCallback:
+        def store(addresses: list[Address] | None, error: str | None) -> None:
+            results[key] = addresses if addresses else error or f"cannot resolve {_show(key[0])}"
+
+        return store
+
+    deadline = time.monotonic() + budget
+    try:
+        for host, port in wanted:
+            resolver.resolve(host, port, family, answer((host, port)))
+        while len(results) < len(wanted):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                run = answers.get(timeout=left)
+            except queue.Empty:
+                break
+            run(time.monotonic())
+    finally:
+        resolver.close()
+    for host, port in wanted:
+        results.setdefault(
+            (host, port), f"cannot resolve {_show(host)}: no answer within {budget:g}s"
+        )
+    return results

@@ -2,12 +2,17 @@
 
 Order of work: validate the config (``--check`` stops here) → lock the record of what
 this daemon adds to the host and remove what a killed previous instance left there →
-decide where routes go (``daemon/policy.py``; the UDP socket's firewall mark comes from
-it) → open the TUN device and configure it (addresses, MTU, link up, DNS) → bind the UDP
-socket and the control socket → drop privileges if asked, keeping CAP_NET_ADMIN for later
-MTU and route changes → start one session per peer (their routes) → tell systemd READY=1 →
+look up the peers' endpoint names (at most ``PREFETCH_BUDGET`` seconds, all at once:
+before any route, rule or DNS setting of ours could send the lookups into a tunnel that
+needs their answer to come up) → decide where routes go (``daemon/policy.py``; the UDP
+socket's firewall mark comes from it) → open the TUN device and configure it (addresses,
+MTU, link up, DNS) → bind the UDP socket and the control socket → drop privileges if
+asked, keeping CAP_NET_ADMIN for later MTU and route changes → start one session per peer
+(their routes; the names found above are their first endpoints) → tell systemd READY=1 →
 serve. On SIGTERM: close sessions, give back exactly what we added (routes, rules,
 addresses, DNS; the device itself goes away with its fd), remove the socket, exit 0.
+Later lookups of a name (it moved) go through ``dnsquery``'s marked stub resolver while
+a full tunnel could capture them.
 """
 
 from __future__ import annotations
@@ -17,31 +22,37 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from ..config import Config, ConfigError, check_config, load_config, reload_config
 from ..control import ControlError
-from ..daemon.capture import capture_warnings
+from ..daemon.capture import capture_warnings, read_host_routes
 from ..daemon.device import Device
 from ..daemon.dns import Resolvectl
 from ..daemon.ledger import Ledger, LedgerError, LedgerFile, record_path
 from ..daemon.loop import EventLoop, SystemClock
 from ..daemon.owned import undo_leftovers
-from ..daemon.policy import RoutingPlan, decide_plan
-from ..endpoint import format_endpoint, resolve_endpoint
+from ..daemon.policy import MODE_AUTO, RoutingPlan, decide_plan
+from ..dnsquery import StubLookup, UnderlayLookup, name_warnings
+from ..endpoint import Address, format_endpoint, resolve_endpoint
 from ..logs import setup_daemon_logging
 from ..netlink import Netlink, NetlinkError
 from ..notify import Notifier, watchdog_interval
 from ..paths import config_path as default_config_path
 from ..privileges import PrivilegeError, current_capabilities, drop_privileges
-from ..resolver import ThreadResolver
+from ..resolver import ThreadResolver, prefetch
 from ..tun import TunDevice, TunError
 from ..udp import UdpSocket
 from . import ArgumentParser
 
 logger = logging.getLogger("secureiod")
 PROG = "secureiod"
+PREFETCH_BUDGET: Final = 5.0
+"""Seconds the start waits, in all, for the peers' endpoint names; a name not resolved by
+then is retried with backoff once the daemon runs."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,8 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         try:
             print(check_config(config_path))
+            config = load_config(config_path)
         except ConfigError as exc:
             return _fail(str(exc), 2)
+        servers = StubLookup(None).nameservers()
+        for text in name_warnings(config, servers, read_host_routes()):
+            print(f"  warning: {text}")
         return 0
     setup_daemon_logging(args.log_level.upper())
     try:
@@ -127,10 +142,12 @@ def _serve(
     require_unprivileged: bool,
 ) -> int:
     iface = config.interface
+    listen = iface.listen
+    family, sockaddr = resolve_endpoint(listen.host, listen.port, passive=True)
     netlink = Netlink()
     ledger: Ledger | None = None
     try:
-        ledger, plan = _prepare_host(config, netlink)
+        ledger, plan, resolved = prepare_host(config, netlink, family)
         tun = TunDevice.open(iface.name, vnet_hdr=iface.offload)
     except BaseException:
         if ledger is not None:
@@ -140,8 +157,6 @@ def _serve(
     loop = EventLoop()
     device: Device | None = None
     try:
-        listen = iface.listen
-        family, sockaddr = resolve_endpoint(listen.host, listen.port, passive=True)
         udp = UdpSocket.bind(sockaddr, family=family, segmentation=True, mark=plan.fwmark)
         notifier = Notifier.from_env()
         device = Device(
@@ -150,7 +165,12 @@ def _serve(
             udp=udp,
             netlink=netlink,
             notifier=notifier if notifier.enabled else None,
-            resolver=ThreadResolver(loop.call_soon_threadsafe),
+            resolver=ThreadResolver(
+                loop.call_soon_threadsafe,
+                getaddrinfo=UnderlayLookup(
+                    StubLookup(plan.fwmark), lambda: lookups_captured(plan, device)
+                ),
+            ),
             loop=loop,
             clock=SystemClock(),
             control_path=iface.control_socket if control else None,
@@ -165,7 +185,7 @@ def _serve(
         if require_unprivileged:
             _check_unprivileged()
         _install_signal_handlers(loop, device)
-        device.start()
+        device.start(resolved)
         logger.info(
             "%s up: listening on %s, %d peer(s), public key %s",
             tun.name,
@@ -197,22 +217,53 @@ def _serve(
                 logger.warning("cleanup: %s", exc)
 
 
-def _prepare_host(config: Config, netlink: Netlink) -> tuple[Ledger, RoutingPlan]:
+def lookups_captured(plan: RoutingPlan, device: Device | None) -> bool:
+    """Whether an unmarked DNS query of ours could now be routed into the tunnel: a full
+    tunnel is configured (``table = "auto"`` and a peer with a default route), or the
+    administrator's own rules act on a configured ``fwmark``. Then names are looked up by
+    the marked stub resolver (``dnsquery``), else by ``getaddrinfo``. Asked on a resolver
+    thread per lookup, as a reload may add or remove the full tunnel."""
+    if plan.fwmark is None or device is None:
+        return False
+    if plan.mode != MODE_AUTO:
+        return True
+    return any(n.prefixlen == 0 for pc in device.config.peers for n in pc.allowed_ips)
+
+
+@dataclass(frozen=True)
+class StartLookup:
+    """How the start looks up endpoint names: injectable for tests."""
+
+    budget: float = PREFETCH_BUDGET
+    getaddrinfo: Callable[..., list] | None = None
+
+
+def prepare_host(
+    config: Config, netlink: Netlink, family: int, names: StartLookup | None = None
+) -> tuple[Ledger, RoutingPlan, dict[tuple[str, int], list[Address] | str]]:
     """Before the device exists: lock the record of what this daemon adds (refused while
-    another instance holds it), remove what a killed previous instance recorded, warn of
-    routes that would capture our own datagrams, and decide where routes go."""
+    another instance holds it), remove what a killed previous instance recorded (its
+    rules could capture the lookups), look up the endpoint names, warn of routes that
+    would capture our own datagrams, and decide where routes go."""
     iface = config.interface
+    names = names or StartLookup()
     store, leftovers = LedgerFile.open(record_path(iface.control_socket, iface.name))
     ledger = Ledger(store, leftovers)
     try:
         undo_leftovers(netlink, leftovers, Resolvectl(), ledger)
+        wanted = [
+            (pc.endpoint.host, pc.endpoint.port)
+            for pc in config.peers
+            if pc.endpoint is not None and pc.endpoint.ip is None
+        ]
+        resolved = prefetch(wanted, family, budget=names.budget, getaddrinfo=names.getaddrinfo)
         for text in capture_warnings(config, netlink.list_routes(), same_prefix=False):
             logger.warning("%s", text)
         plan = decide_plan(iface, netlink)
     except BaseException:
         ledger.close()
         raise
-    return ledger, plan
+    return ledger, plan, resolved
 
 
 def _install_signal_handlers(loop: EventLoop, device: Device) -> None:
