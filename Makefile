@@ -22,6 +22,7 @@ help:
 	@echo "make deb             build dist/secureiod_<version>_<arch>.deb"
 	@echo "make test-systemd    build the .deb, test it under systemd in two containers"
 	@echo "make lint | fmt      ruff check | ruff format"
+	@echo "make bench           tunnels compared: secureiod, wireguard-go, tinc, Nebula (root)"
 	@echo "make bench-protocol  protocol benchmark"
 	@echo "make bench-crypto    crypto backend benchmark"
 	@echo "make venv            only bootstrap (apt packages, .venv)"
@@ -50,8 +51,18 @@ bench-protocol: bootstrap
 bench-crypto: bootstrap
 	$(VPY) bench/crypto_routes.py
 
-.PHONY: bench bench-session
-bench: bootstrap
+# `make bench` compares tunnels, so it alone needs tinc, Nebula, WireGuard (wg, and Debian's
+# wireguard-go as the fallback: a build first on PATH wins, and the run prints its version)
+# and matplotlib for the chart; none of them is in bootstrap, so `make test` stays as it is.
+BENCH_APT := tinc nebula wireguard-tools wireguard-go
+
+.PHONY: bench bench-deps bench-session
+bench-deps:
+	@PYTHON='$(PYTHON)' bash scripts/bootstrap.sh $(BENCH_APT)
+	@$(VPY) -c 'import matplotlib' 2>/dev/null \
+		|| $(VPY) -m pip install -q --disable-pip-version-check -e '.[chart]'
+
+bench: bench-deps
 	$(VPY) bench/tunnel.py
 
 bench-session: bootstrap

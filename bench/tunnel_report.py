@@ -1,0 +1,304 @@
+"""The tables ``bench/tunnel.py`` prints, and issue 13's goals checked against one run.
+
+The goals are judged only from the numbers of the same run (ratios to the wireguard-go that
+ran beside secureiod on the same veth), because absolute figures change with the machine and
+its load while ratios taken minutes apart on the same box mostly do not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+TUNNELS = ("veth", "secureiod", "wireguard-go", "tinc", "nebula")
+COMPARED = ("veth", "wireguard-go", "tinc", "nebula")
+MANY_PEERS_GOAL = 10_000
+# issue 13 "Goal": the wireguard-go the goals were set against (older builds lack batching)
+GOAL_WG_VERSION = "0.0.20250522"
+
+
+def get(d: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:,.{digits}f}"
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def ratio(x: Any, y: Any) -> float | None:
+    if not _num(x) or not _num(y) or not y:
+        return None
+    return float(x / y)
+
+
+# -- rows ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement: its label, how to read its number (for ratios and the chart) and
+    how to show it (a pair A / B, or A + B, says more than the sum alone)."""
+
+    key: str
+    label: str
+    value: Callable[[Any], float | None]
+    shown: Callable[[Any], str]
+    better: str  # "higher" or "lower": which way is good, for the chart's caption
+
+
+def _plain(path: tuple[str, ...], digits: int) -> tuple[Callable[[Any], Any], Callable[[Any], str]]:
+    return (lambda t: get(t, *path)), (lambda t: fmt(get(t, *path), digits))
+
+
+def _cpu_sum(t: Any, key: str) -> float | None:
+    c = get(t, key, "cpu")
+    return float(c["A"] + c["B"]) if c else None
+
+
+def _cpu_shown(t: Any, key: str) -> str:
+    c = get(t, key, "cpu")
+    return f"{c['A']:.0f} + {c['B']:.0f}" if c else "-"
+
+
+def cpu_per_gbit(t: Any, key: str) -> float | None:
+    """CPU % (A + B) per Gbit/s delivered: the cost of a bit, whatever the speed reached."""
+    total, mbit = _cpu_sum(t, key), get(t, key, "mbit_s")
+    if total is None or not _num(mbit) or not mbit:
+        return None
+    return round(total / (mbit / 1000), 1)
+
+
+def _mem_sum(t: Any, field: str) -> float | None:
+    m = get(t, "mem_kib")
+    return (m["A"][field] + m["B"][field]) / 1024 if m else None
+
+
+def _mem_shown(t: Any, field: str) -> str:
+    m = get(t, "mem_kib")
+    return f"{m['A'][field] / 1024:.1f} / {m['B'][field] / 1024:.1f}" if m else "-"
+
+
+def _rows() -> list[Row]:
+    rows = [
+        Row("tcp1", "TCP, 1 stream (Mbit/s)", *_plain(("tcp1", "mbit_s"), 0), "higher"),
+        Row("tcp4", "TCP, 4 streams (Mbit/s)", *_plain(("tcp4", "mbit_s"), 0), "higher"),
+        Row(
+            "udp64",
+            "UDP 64 B delivered (datagrams/s)",
+            *_plain(("udp64", "delivered_pps"), 0),
+            "higher",
+        ),
+        Row("udp64_loss", "UDP 64 B loss (%)", *_plain(("udp64", "lost_percent"), 1), "lower"),
+        Row(
+            "ping",
+            "ping RTT avg, 50 pings 20 ms apart (ms)",
+            *_plain(("ping", "avg_ms"), 3),
+            "lower",
+        ),
+    ]
+    for key, what in (("tcp1", "TCP 1 stream"), ("tcp4", "TCP 4 streams")):
+        rows.append(
+            Row(
+                f"cpu_per_gbit_{key}",
+                f"CPU % A + B per Gbit/s, {what}",
+                lambda t, key=key: cpu_per_gbit(t, key),
+                lambda t, key=key: fmt(cpu_per_gbit(t, key), 1),
+                "lower",
+            )
+        )
+    for key, what in (
+        ("tcp1", "TCP 1 stream"),
+        ("tcp4", "TCP 4 streams"),
+        ("udp64", "UDP 64 B"),
+        ("ping", "ping"),
+    ):
+        rows.append(
+            Row(
+                f"cpu_{key}",
+                f"CPU % A + B during {what}",
+                lambda t, key=key: _cpu_sum(t, key),
+                lambda t, key=key: _cpu_shown(t, key),
+                "lower",
+            )
+        )
+    for field, label in (("VmRSS", "VmRSS A / B (MiB)"), ("VmHWM", "VmHWM (peak) A / B (MiB)")):
+        rows.append(
+            Row(
+                field.lower(),
+                label,
+                lambda t, field=field: _mem_sum(t, field),
+                lambda t, field=field: _mem_shown(t, field),
+                "lower",
+            )
+        )
+    return rows
+
+
+ROWS = _rows()
+
+
+def tables(results: dict[str, Any]) -> str:
+    """Raw numbers per tunnel, then secureiod's ratio to each other tunnel, then the
+    many-peers table; a skipped tunnel keeps its column (all "-") and gets a line."""
+    t = results["targets"]
+    present = [n for n in TUNNELS if n in t]
+    lines = [
+        "| measurement | " + " | ".join(present) + " |",
+        "|---|" + "---:|" * len(present),
+    ]
+    for row in ROWS:
+        lines.append(f"| {row.label} | " + " | ".join(row.shown(t[n]) for n in present) + " |")
+    others = [n for n in COMPARED if n in t]
+    lines += [
+        "",
+        "| secureiod / ... | " + " | ".join(others) + " |",
+        "|---|" + "---:|" * len(others),
+    ]
+    for row in ROWS:
+        sio = row.value(t.get("secureiod"))
+        cells = [fmt(ratio(sio, row.value(t[n])), 2) for n in others]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    skipped = [f"{n}: skipped ({t[n]['skipped']})" for n in present if get(t[n], "skipped")]
+    if skipped:
+        lines += ["", *skipped]
+    lines += ["", many_peers_table(results)]
+    return "\n".join(lines)
+
+
+def many_peers_table(results: dict[str, Any]) -> str:
+    idle = results["config"]["idle_seconds"]
+    lines = [
+        "| secureiod, peers without endpoints | ready after (s) | VmRSS (MiB) "
+        f"| VmHWM (MiB) | idle CPU % (over {idle:.0f} s) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for p in results["many_peers"]:
+        if p.get("error"):
+            lines.append(f"| {p['peers']} | failed: {p['error'][:120]} | - | - | - |")
+            continue
+        lines.append(
+            f"| {p['peers']} | {p['ready_s']:.2f} | {p['mem_kib']['VmRSS'] / 1024:.1f} "
+            f"| {p['mem_kib']['VmHWM'] / 1024:.1f} | {p['idle_cpu_percent']:.1f} |"
+        )
+        if p["peers"] == MANY_PEERS_GOAL:
+            lines.append(f"| goal for {MANY_PEERS_GOAL:,} (issue 13) | < 5 | < 150 | - | < 1 |")
+    return "\n".join(lines)
+
+
+# -- goals ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Goal:
+    goal: str
+    value: float | None  # the measured ratio or figure; None when it could not be measured
+    target: str
+    met: bool | None  # None: not measured (a tunnel skipped, a measurement failed)
+
+
+def _check(goal: str, value: float | None, target: str, ok: Callable[[float], bool]) -> Goal:
+    rounded = round(value, 3) if value is not None else None
+    return Goal(goal, rounded, target, ok(value) if value is not None else None)
+
+
+def goals(results: dict[str, Any]) -> list[Goal]:
+    """Issue 13's goals from this run's own numbers; see the issue for why each one."""
+    t = results["targets"]
+    sio, wg = t.get("secureiod"), t.get("wireguard-go")
+    out = [
+        _check(
+            "TCP 1 stream, secureiod / wireguard-go",
+            ratio(get(sio, "tcp1", "mbit_s"), get(wg, "tcp1", "mbit_s")),
+            "≥ 1.2",
+            lambda v: v >= 1.2,
+        ),
+        _check(
+            "TCP 4 streams, secureiod / wireguard-go",
+            ratio(get(sio, "tcp4", "mbit_s"), get(wg, "tcp4", "mbit_s")),
+            "≥ 1.2",
+            lambda v: v >= 1.2,
+        ),
+        _check(
+            "ping RTT avg (20 ms apart), secureiod / wireguard-go",
+            ratio(get(sio, "ping", "avg_ms"), get(wg, "ping", "avg_ms")),
+            "≤ 1.0",
+            lambda v: v <= 1.0,
+        ),
+        _check(
+            "UDP 64 B delivered, secureiod / wireguard-go",
+            ratio(get(sio, "udp64", "delivered_pps"), get(wg, "udp64", "delivered_pps")),
+            "≥ 3",
+            lambda v: v >= 3.0,
+        ),
+    ]
+    for key, what in (("tcp1", "1 stream"), ("tcp4", "4 streams")):
+        out.append(
+            _check(
+                f"CPU % per Gbit/s during TCP {what}, secureiod / wireguard-go",
+                ratio(cpu_per_gbit(sio, key), cpu_per_gbit(wg, key)),
+                "≤ 1.0",
+                lambda v: v <= 1.0,
+            )
+        )
+    big = next(
+        (p for p in results["many_peers"] if p["peers"] == MANY_PEERS_GOAL and not p.get("error")),
+        None,
+    )
+    rss = get(big, "mem_kib", "VmRSS")
+    out += [
+        _check(
+            f"{MANY_PEERS_GOAL:,} peers: ready after (s)",
+            get(big, "ready_s"),
+            "< 5",
+            lambda v: v < 5,
+        ),
+        _check(
+            f"{MANY_PEERS_GOAL:,} peers: VmRSS (MiB)",
+            rss / 1024 if rss is not None else None,
+            "< 150",
+            lambda v: v < 150,
+        ),
+        _check(
+            f"{MANY_PEERS_GOAL:,} peers: idle CPU %",
+            get(big, "idle_cpu_percent"),
+            "< 1",
+            lambda v: v < 1,
+        ),
+    ]
+    return out
+
+
+def goals_table(results: dict[str, Any]) -> str:
+    version = get(results, "targets", "wireguard-go", "version") or "not run"
+    lines = [
+        f"goals of issue 13 (ratios against the wireguard-go of this run: {version})",
+        "",
+        "| goal | this run | target | |",
+        "|---|---:|---:|---|",
+    ]
+    for g in results["goals"]:
+        verdict = {True: "met", False: "not met", None: "not measured"}[g["met"]]
+        lines.append(f"| {g['goal']} | {fmt(g['value'], 2)} | {g['target']} | {verdict} |")
+    if version != "not run" and GOAL_WG_VERSION not in version:
+        lines.append(
+            f"\nnote: the goals are set against wireguard-go {GOAL_WG_VERSION}; builds before "
+            "2023 lack its batching and offload, so ratios against them flatter secureiod"
+        )
+    return "\n".join(lines)
+
+
+def goals_json(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [asdict(g) for g in goals(results)]
