@@ -104,3 +104,17 @@ def test_pure_python_path_passes_vectors_and_tamper_tests() -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
+
+
+@pytest.mark.parametrize("value", [-1, 1 << 64])
+def test_out_of_range_integers_are_refused_not_wrapped(value: int) -> None:
+    """A PacketID or mask outside 0..2^64-1 must raise, never wrap silently into another
+    (valid-looking) PacketID: the C code once parsed them with "K", which wraps."""
+    accel = packet.ACCEL
+    seed = bytes(24)
+    with pytest.raises(OverflowError):
+        accel.seal(None, seed, value, b"x", 0)  # type: ignore[attr-defined]
+    with pytest.raises(OverflowError):
+        accel.seal(None, seed, 1, b"x", value)  # type: ignore[attr-defined]
+    with pytest.raises(OverflowError):
+        accel.open(bytes(64), ((None, seed),), value)  # type: ignore[attr-defined]

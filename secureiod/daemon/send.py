@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Final
 
 from ..secureio.errors import PayloadTooBigError, SecureioError
+from ..secureio.packet import BATCH_SEAL
 from ..secureio.session import QueueFullError, SessionClosedError
 from ..udp import SendResult
 from .allowed_ips import AllowedIPs
@@ -149,7 +150,56 @@ class SendPath:
         return s.is_established
 
     def transmit(self, peer: Peer, now: float) -> None:
-        """Send what the session has for the wire, to the address the session names."""
+        """Send what the session has for the wire, to the address the session names.
+
+        A fragmented message comes as one run already in the GSO layout and goes out
+        with ``send_run`` (no join); runs of lone datagrams go together to ``send_batch``,
+        which groups equal sizes as before. ``SECUREIOD_NO_TX_BATCH=1`` (or
+        ``SECUREIOD_NO_BATCH=1``) keeps the old path (``transmit_datagrams``) to compare."""
+        s = peer.session
+        if s is None:
+            return
+        if not BATCH_SEAL:
+            self.transmit_datagrams(peer, now)
+            return
+        udp = self.udp
+        for _ in range(MAX_TOO_BIG_ROUNDS):
+            runs = s.datagram_runs_to_send(now)
+            if not runs:
+                return
+            lone: list[bytes] = []
+            lone_addr = runs[0].address
+            for run in runs:
+                if lone and (run.count > 1 or run.address != lone_addr):
+                    self._failed(peer, udp.send_batch(lone, lone_addr), lone_addr, now)
+                    lone = []
+                if run.count == 1:
+                    lone.append(run.buffer)
+                    lone_addr = run.address
+                else:
+                    failures = udp.send_run(run.buffer, run.segment_size, run.address)
+                    self._failed(peer, failures, run.address, now)
+            if lone:
+                self._failed(peer, udp.send_batch(lone, lone_addr), lone_addr, now)
+
+    def _failed(
+        self, peer: Peer, failures: list[tuple[bytes, SendResult]], addr: Address, now: float
+    ) -> None:
+        """Datagrams the socket did not send: a too-big one goes back to the session
+        (it shrinks its size and sends the messages again), the rest are counted."""
+        s = peer.session
+        for datagram, result in failures:
+            if result is SendResult.TOO_BIG and s is not None:
+                size = len(datagram)
+                path_limit = self.path_limit
+                limit = path_limit(addr, size, now) if path_limit is not None else None
+                s.report_too_big(size, now, datagram=datagram, path_limit=limit)
+            else:
+                peer.counters.drops["send-failed"] += 1
+
+    def transmit_datagrams(self, peer: Peer, now: float) -> None:
+        """``transmit`` with one bytes object per datagram (the path before batch sealing,
+        kept for ``SECUREIOD_NO_TX_BATCH=1``)."""
         s = peer.session
         if s is None:
             return
@@ -165,13 +215,5 @@ class SendPath:
                 j = i + 1
                 while j < n and out[j][1] == addr:
                     j += 1
-                for datagram, result in send_batch([d for d, _ in out[i:j]], addr):
-                    if result is SendResult.TOO_BIG:
-                        # The session shrinks its size and sends the messages again.
-                        size = len(datagram)
-                        path_limit = self.path_limit
-                        limit = path_limit(addr, size, now) if path_limit is not None else None
-                        s.report_too_big(size, now, datagram=datagram, path_limit=limit)
-                    else:
-                        peer.counters.drops["send-failed"] += 1
+                self._failed(peer, send_batch([d for d, _ in out[i:j]], addr), addr, now)
                 i = j

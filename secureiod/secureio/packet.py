@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 from .constants import CONTAINER_HEADER_SIZE, KEY_SIZE, POLY_KEY_XOR, SESSION_ID_SIZE, TAG_SIZE
 from .crypto import hchacha20, tags_equal
 from .errors import AuthenticationError, MalformedError
+from .reassembly import fragment_message
+from .wire import MessageType
 
 _ZERO8: Final = bytes(8)
 _U32: Final = struct.Struct("<I")
@@ -59,6 +61,17 @@ def _load_accel() -> object | None:
 
 
 ACCEL: Final = _load_accel()
+BATCH_SEAL: Final = (
+    ACCEL is not None
+    and hasattr(ACCEL, "seal_fragments")
+    and not os.environ.get("SECUREIOD_NO_BATCH")
+    and not os.environ.get("SECUREIOD_NO_TX_BATCH")
+)
+"""Fragmented messages are sealed by one C call into one UDP GSO buffer (``seal_fragments``);
+``SECUREIOD_NO_BATCH=1`` (every batch path) or ``SECUREIOD_NO_TX_BATCH=1`` (this one only)
+keeps the one-call-per-fragment path, to measure or compare."""
+MAX_BATCH_PAYLOAD: Final = 1 << 17
+"""The largest message ``seal_fragments`` takes (the C limit); larger ones go one by one."""
 _OPEN_ERRORS: Final = {
     1: MalformedError,
     2: AuthenticationError,
@@ -152,6 +165,61 @@ def seal_python(key: PacketKey, packet_id: int, messages: bytes, packet_id_mask:
         return wire_pid + plain + messages
     enc = Cipher(algorithms.ChaCha20(key.stream_key, _ZERO8 + pid8), mode=None).encryptor()
     return wire_pid + enc.update(plain) + enc.update(messages)
+
+
+def seal_fragments(
+    key: PacketKey,
+    first_packet_id: int,
+    packet_id_mask: int,
+    msg_type: int,
+    payload: bytes | memoryview,
+    chain_id: int,
+    max_payload: int,
+) -> tuple[bytes, int, int]:
+    """Fragment ``payload`` (as ``fragment_message``) and seal fragment ``i`` with PacketID
+    ``first_packet_id + i`` (as ``seal``), all back to back in one buffer: returns
+    ``(buffer, count, segment_size)``, every datagram ``segment_size`` bytes but the last,
+    which may be shorter -- the layout one UDP GSO ``sendmsg`` takes as it is."""
+    if MessageType.is_internal(msg_type):
+        raise ValueError("internal messages are exempt from E and never fragmented")
+    if (
+        ACCEL is not None
+        and 0 < len(payload) <= MAX_BATCH_PAYLOAD
+        and 0 < first_packet_id <= _UINT64_MASK
+        and hasattr(ACCEL, "seal_fragments")
+    ):
+        return ACCEL.seal_fragments(  # type: ignore[attr-defined,no-any-return]
+            key.stream_key,
+            key.mac_seed,
+            first_packet_id,
+            packet_id_mask,
+            msg_type,
+            payload,
+            chain_id,
+            max_payload,
+        )
+    return seal_fragments_python(
+        key, first_packet_id, packet_id_mask, msg_type, payload, chain_id, max_payload
+    )
+
+
+def seal_fragments_python(
+    key: PacketKey,
+    first_packet_id: int,
+    packet_id_mask: int,
+    msg_type: int,
+    payload: bytes | memoryview,
+    chain_id: int,
+    max_payload: int,
+) -> tuple[bytes, int, int]:
+    """The reference for ``seal_fragments``: ``fragment_message`` then ``seal_python``."""
+    fragments = fragment_message(msg_type, payload, chain_id, max_payload)
+    if first_packet_id + len(fragments) - 1 > _UINT64_MASK:
+        raise ValueError("packet ids must stay in 1..2^64-1")
+    sealed = [
+        seal_python(key, first_packet_id + i, m, packet_id_mask) for i, m in enumerate(fragments)
+    ]
+    return b"".join(sealed), len(sealed), len(sealed[0])
 
 
 class KeyRing:
