@@ -14,6 +14,13 @@ setup(
             libraries=["sodium"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
-        )
+        ),
+        Extension(
+            "secureiod.secureio._rxbatch",
+            ["secureiod/secureio/_rxbatch.c"],
+            libraries=["sodium"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        ),
     ]
 )

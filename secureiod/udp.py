@@ -314,6 +314,41 @@ class UdpSocket:
             out.append((bytes(view[:size]), addr))
         return out
 
+    def recv_runs(self, max_count: int = 64) -> list[tuple[bytes, int, Address]]:
+        """``recv_batch`` as runs: each read as ``(data, segment_size, addr)``, its datagrams
+        ``segment_size`` bytes back to back in ``data`` (the last may be shorter), one
+        copy per read instead of one per datagram. Without GRO every run is one datagram
+        (``segment_size == len(data)``). Same counters as ``recv_batch``."""
+        sock = self._sock
+        view = self._view
+        buffers = [self._buffer]
+        stats = self.stats
+        gro = self.gro
+        out: list[tuple[bytes, int, Address]] = []
+        for _ in range(max_count):
+            try:
+                if gro:
+                    size, ancdata, _flags, addr = sock.recvmsg_into(buffers, _CMSG_SPACE)
+                else:
+                    size, addr = sock.recvfrom_into(self._buffer)
+                    ancdata = ()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                stats.rx_errors += 1
+                self._note_error("receive", exc)
+                break
+            segment = size
+            for level, kind, data in ancdata:
+                if level == _SOL_UDP and kind == _UDP_GRO and len(data) >= 4:
+                    segment = _GRO_SIZE.unpack_from(data)[0] or size
+            if segment <= 0 or segment > size:
+                segment = size
+            stats.rx_bytes += size
+            stats.rx_datagrams += -(-size // segment) if size else 1
+            out.append((bytes(view[:size]), segment or 1, addr))
+        return out
+
     def _recv_batch_gro(self, max_count: int) -> list[tuple[bytes, Address]]:
         sock = self._sock
         view = self._view
@@ -396,26 +431,64 @@ class UdpSocket:
             i = j
         return failures
 
-    def _send_segmented(self, run: list[bytes], size: int, address: Address) -> bool:
+    def send_run(
+        self, buffer: bytes, segment_size: int, address: Address
+    ) -> list[tuple[bytes, SendResult]]:
+        """Send datagrams that lie back to back in ``buffer``, each ``segment_size`` bytes
+        but the last (shorter or equal): the layout of one GSO ``sendmsg``, sent as it is
+        (no join, no per-datagram objects), cut only at the GSO limits. Returns what
+        ``send_batch`` returns: each datagram that did not go out, with why, as bytes. A
+        refused piece is retried one by one, so EMSGSIZE still names a datagram."""
+        size = len(buffer)
+        if segment_size <= 0:
+            raise ValueError("segment_size must be positive")
+        view = memoryview(buffer)
+        if size <= segment_size:
+            result = self.send(buffer, address)
+            return [] if result is SendResult.SENT else [(buffer, result)]
+        failures: list[tuple[bytes, SendResult]] = []
+        per_call = min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // segment_size) if self.gso else 1
+        step = per_call * segment_size
+        for start in range(0, size, step):
+            piece = view[start : start + step]
+            gso = self.gso and len(piece) > segment_size
+            if gso and self._send_gso(piece, segment_size, address):
+                continue
+            too_big = False
+            for i in range(0, len(piece), segment_size):
+                datagram = piece[i : i + segment_size]
+                result = self.send(datagram, address)
+                if result is not SendResult.SENT:
+                    failures.append((bytes(datagram), result))
+                    too_big = too_big or result is SendResult.TOO_BIG
+            if self._gso_einval and not too_big:
+                self.gso = False  # EINVAL, and not for the path MTU: no GSO here
+                logger.info("UDP GSO unavailable; sending datagrams one by one")
+            self._gso_einval = False
+        return failures
+
+    def _send_gso(self, data: memoryview, size: int, address: Address) -> bool:
+        """One ``sendmsg`` of ``data`` cut by the kernel into ``size``-byte datagrams."""
         try:
-            self._sock.sendmsg(
-                [b"".join(run)], [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, address
-            )
+            self._sock.sendmsg([data], [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, address)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
             if exc.errno == errno.EINVAL:
                 # Older kernels also say EINVAL (not EMSGSIZE) for a run above the path MTU:
-                # decided by the one-by-one retry (``send_batch``).
+                # decided by the one-by-one retry (``send_batch``, ``send_run``).
                 self._gso_einval = True
             elif exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO):
                 self.gso = False  # the kernel or the route does not do UDP GSO: stop trying
                 logger.info("UDP GSO unavailable (%s); sending datagrams one by one", exc)
             return False
         stats = self.stats
-        stats.tx_datagrams += len(run)
-        stats.tx_bytes += sum(len(d) for d in run)
+        stats.tx_datagrams += -(-len(data) // size)
+        stats.tx_bytes += len(data)
         return True
+
+    def _send_segmented(self, run: list[bytes], size: int, address: Address) -> bool:
+        return self._send_gso(memoryview(b"".join(run)), size, address)
 
     def send(self, data: bytes | bytearray | memoryview, address: Address) -> SendResult:
         """Send one datagram without blocking; never raises for network conditions."""

@@ -312,7 +312,7 @@ def test_an_address_taken_over_by_another_peer_keeps_the_map_consistent() -> Non
 
 def test_psk_peers_are_identified_by_their_aux_key() -> None:
     net = Net(["plain", "secret", "secret2"], psk={"secret": b"k" * 32, "secret2": b"k" * 32})
-    assert len(net.demux._fallback_keys) == 2  # clear, and the one PSK both share
+    assert len(net.demux.fallback_keys) == 2  # clear, and the one PSK both share
     net.start()
     net.run(1.0)
     assert net.all_established()

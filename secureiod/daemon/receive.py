@@ -14,6 +14,7 @@ from typing import Final
 
 from ..secureio.demux import Demultiplexer
 from ..secureio.events import Event, MessageReceived
+from ..secureio.rxbatch import RXBATCH
 from .allowed_ips import AllowedIPs
 from .inner import inner_packet_problem
 from .offload import CAPS_TYPE, VNET_HDR_SIZE, VNET_TYPE, ZERO_HDR, header_acceptable
@@ -45,11 +46,28 @@ class ReceivePath:
         self.on_caps = on_caps
         self.on_event = on_event
         self.tun_write_errors = 0
+        self._recv_runs = udp.recv_runs if RXBATCH is not None else None
+        """Reads as runs (one per GRO read, opened in one C call: ``secureio/rxbatch.py``);
+        ``None`` (no extension, ``SECUREIOD_NO_BATCH=1``): datagram by datagram."""
 
     def on_udp(self, now: float) -> None:
         receive = self.demux.receive_datagram
         dirty = self.dirty
         batch = self.batch
+        if self._recv_runs is not None:
+            receive_run = self.demux.receive_run
+            count = 0
+            for data, segment, addr in self._recv_runs(batch.on_wake(now)):
+                if segment >= len(data):
+                    count += 1
+                    peer = receive(data, addr, now)
+                    if peer is not None:
+                        dirty.add(peer)
+                else:
+                    count += -(-len(data) // segment)
+                    dirty.update(receive_run(data, segment, addr, now))
+            batch.note(count)
+            return
         datagrams = self.udp.recv_batch(batch.on_wake(now))
         batch.note(len(datagrams))
         for data, addr in datagrams:
@@ -63,15 +81,19 @@ class ReceivePath:
         s = peer.session
         if s is None:
             return
+        next_event = s.next_event
+        ev = next_event()
+        if ev is None:  # a wake-up that only sent: nothing to set up for
+            return
         source_owner = self.router.lookup_source
         tun = self.tun
         vnet = tun.vnet_hdr
         drops = peer.counters.drops
         c = peer.counters
-        next_event = s.next_event
-        while (ev := next_event()) is not None:
+        while ev is not None:
             if type(ev) is not MessageReceived:
                 self.on_event(peer, ev, now)
+                ev = next_event()
                 continue
             mtype = ev.type
             payload = ev.payload
@@ -101,3 +123,4 @@ class ReceivePath:
             elif mtype == CAPS_TYPE:
                 self.on_caps(peer, payload)
             # KEEPALIVE_TYPE and unknown types: liveness only
+            ev = next_event()

@@ -35,17 +35,20 @@ it first (one session's keys, no token) and maps the address back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, NamedTuple, TypeVar
 
 from .budget import TokenBucket
 from .constants import KX_PACKET_SIZE, PACKET_OVERHEAD
 from .errors import SecureioError
 from .events import SessionState
+from .identity import PublicKey
+from .keys import PskKeys
 from .kx_message import KeyExchangeMessage
 from .packet import PacketKey, open_packet
 from .path import Address, PathKey, path_key, same_path
-from .session import Session
+from .session import Session, SessionOptions
 from .wire import MessageType, iter_messages
 
 __all__ = ["DemuxStats", "Demultiplexer"]
@@ -79,10 +82,30 @@ class DemuxStats:
     reassigned: int = 0
     """A mapped address's session could not open a datagram and another owner could
     (e.g. a NAT handed the address to another peer)."""
+    woken: int = 0
+    """Dormant owners that got their session: a key exchange signed by their key came."""
     path_takeovers: int = 0
     """An owner validated an address the map gave another owner: the address maps to the
     new owner; the other keeps its endpoint and takes the address back with its next
     authenticated datagram from there."""
+
+
+def fallback_key_for(options: SessionOptions) -> tuple[PacketKey, int]:
+    """The ``fallback_key`` a session with ``options`` has, without making the session
+    (its constructor derives it the same way; a test holds the two together)."""
+    if options.psk is None:
+        return PacketKey.clear(), 0
+    psk = PskKeys.from_psk(options.psk, options.salt)
+    return PacketKey.aux(psk.aux_key), psk.packet_id_mask
+
+
+class Dormant(NamedTuple):
+    """What identifies an owner that has no session yet (see ``add_dormant``)."""
+
+    remote: PublicKey
+    fallback: tuple[PacketKey, int]
+    """What its session's ``fallback_key`` will be (``fallback_key_for``)."""
+    payload_size_limit: int
 
 
 class Demultiplexer(Generic[T]):
@@ -115,9 +138,16 @@ class Demultiplexer(Generic[T]):
         """Per address, the owner the map moved away from while its endpoint stayed there
         (at most one per address, and only at that owner's endpoint: bounded by owners)."""
         self._by_key: dict[bytes, T] = {}
+        self._dormant: dict[T, Dormant] = {}
+        self.wake: Callable[[T, float], Session] | None = None
+        """Makes a dormant owner's session (unstarted: the datagram that woke it starts
+        it); required before ``add_dormant``."""
         self._fallback_keys: list[tuple[PacketKey, int]] = []
         self._max_datagram = 0
         """The largest datagram any session's peer sends: its payload limit P + 53."""
+        self._fallback_stale = False
+        """Registry changed since the two above were derived: they are rebuilt on the next
+        datagram that needs them, not per ``add`` (which made 10,000 adds quadratic)."""
         self._budget = TokenBucket(identifications_per_second, identifications_per_second)
         self._kx_opens = TokenBucket(key_checks_per_second, key_checks_per_second)
         self._trials = TokenBucket(key_checks_per_second, key_checks_per_second)
@@ -127,10 +157,10 @@ class Demultiplexer(Generic[T]):
     # -- registry ---------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return len(self._sessions) + len(self._dormant)
 
     def __contains__(self, owner: object) -> bool:
-        return owner in self._sessions
+        return owner in self._sessions or owner in self._dormant
 
     def session(self, owner: T) -> Session:
         return self._sessions[owner]
@@ -141,19 +171,55 @@ class Demultiplexer(Generic[T]):
 
     def add(self, owner: T, session: Session) -> None:
         """Register ``owner``'s session, replacing (not closing) any it had."""
-        if owner in self._sessions:
-            self._forget(owner)
+        fallback, limit = session.fallback_key, session.options.payload_size_limit
+        old = self._sessions.get(owner)
+        was = self._dormant.get(owner)
+        if old is not None:
+            same = old.fallback_key == fallback
+            same = same and old.options.payload_size_limit == limit
+        else:
+            same = was is not None and was[1:] == (fallback, limit)
+        stale = self._fallback_stale
+        self.remove(owner)
         self._sessions[owner] = session
         remote = session.remote_identity
         if remote is not None:
             self._by_key[remote.raw] = owner
         self._map(owner, session.endpoint)
-        self._rebuild_fallback_keys()
+        # A restart or a wake-up keeps the keys: no rebuild, so 10,000 peers waking
+        # (or restarting) cost 10,000 steps, not 10,000 rebuilds of 10,000.
+        self._fallback_stale = stale or not same
+
+    def add_dormant(self, owner: T, dormant: Dormant) -> None:
+        """Register ``owner`` without a session, for a peer that can only be waited for
+        (no endpoint): a session costs ~10 KB and a key pair, a dormant entry ~200 bytes.
+        A key exchange from an unmapped address that opens under ``dormant.fallback`` and
+        is signed by ``dormant.remote`` gets it a session from ``wake``, and is fed to it."""
+        assert self.wake is not None, "set Demultiplexer.wake before adding dormant owners"
+        self.remove(owner)
+        self._dormant[owner] = dormant
+        self._by_key[dormant.remote.raw] = owner
+        self._fallback_stale = True
+
+    def is_dormant(self, owner: T) -> bool:
+        return owner in self._dormant
+
+    @property
+    def fallback_keys(self) -> list[tuple[PacketKey, int]]:
+        """The distinct keys a stranger's key exchange is opened with (for inspection)."""
+        if self._fallback_stale:
+            self._rebuild_fallback_keys()
+        return list(self._fallback_keys)
 
     def remove(self, owner: T) -> None:
         if owner in self._sessions:
             self._forget(owner)
-            self._rebuild_fallback_keys()
+            self._fallback_stale = True
+        dormant = self._dormant.pop(owner, None)
+        if dormant is not None:
+            if self._by_key.get(dormant.remote.raw) == owner:
+                del self._by_key[dormant.remote.raw]
+            self._fallback_stale = True
 
     def set_endpoint(self, owner: T, addr: Address | None) -> None:
         """The application's address for ``owner`` (configured or resolved)."""
@@ -180,25 +246,83 @@ class Demultiplexer(Generic[T]):
             session.receive_datagram(data, addr, now)
             if stats.rx_packets != received or not session.consecutive_decrypt_failures:
                 return owner  # authenticated, or opened and refused (a replay): it is ours
-            # Nothing of this session's opens it: maybe it is the displaced owner's (whose
-            # endpoint is still here), or the address now belongs to another peer (a NAT
-            # reusing a port), so look for a better owner.
-            back = self._displaced.get(key)  # type: ignore[call-overload]
-            if back is not None and self._sessions[back].owns_datagram(data):
-                other: T | None = back
-            else:
-                other = self._identify(data, now, exclude=owner)
-            if other is None:
-                return owner
-            self.stats.reassigned += 1
-            return self._feed(other, data, addr, now)
+            return self._reconsider(owner, key, data, addr, now)  # type: ignore[arg-type]
         owner = self._identify(data, now, exclude=None)
         if owner is None:
             self.stats.unknown_source += 1
             return None
         return self._feed(owner, data, addr, now)
 
+    def receive_run(
+        self, data: bytes | bytearray | memoryview, segment_size: int, addr: Address, now: float
+    ) -> list[T]:
+        """``receive_datagram`` for each datagram of a run (``segment_size`` bytes back to
+        back in ``data``, the last shorter: one UDP GRO read from ``addr``), with the same
+        outcome, but opened in one C call by the session mapped at ``addr``
+        (``Session.open_run``). Anything else (no session there, a datagram it cannot
+        open, a key exchange, a changed map) goes datagram by datagram. Returns the owners
+        fed, each once."""
+        key = addr if len(addr) == 2 else (addr[0], addr[1], addr[3])  # path_key, inlined
+        owner = self._by_addr.get(key)  # type: ignore[arg-type]
+        plan = None
+        if owner is not None and len(data) > segment_size > 0:
+            session = self._sessions[owner]
+            if session.state is SessionState.NEW:
+                session.start(now)  # as receive_datagram does before the first datagram
+            plan = session.open_run(data, segment_size)
+        owners: list[T] = []
+        if plan is None:
+            for start in range(0, len(data) or 1, segment_size):
+                fed = self.receive_datagram(data[start : start + segment_size], addr, now)
+                if fed is not None and fed not in owners:
+                    owners.append(fed)
+            return owners
+        owners.append(owner)  # type: ignore[arg-type]
+        stats = session.stats
+        for group in plan.groups:
+            if self._by_addr.get(key) == owner and self._sessions.get(owner) is session:  # type: ignore[arg-type]
+                received = stats.rx_packets
+                if session.receive_group(plan, group, addr, now):
+                    if (
+                        type(group) is tuple
+                        and len(group) == 4
+                        and stats.rx_packets == received
+                        and session.consecutive_decrypt_failures
+                    ):
+                        # Opened but refused (a replay) after failures: as in
+                        # receive_datagram, look for a better owner.
+                        fed = self._reconsider(owner, key, plan.datagram(group[0]), addr, now)  # type: ignore[arg-type]
+                        if fed not in owners:
+                            owners.append(fed)
+                    continue
+            for datagram in plan.group_datagrams(group):
+                fed = self.receive_datagram(datagram, addr, now)
+                if fed is not None and fed not in owners:
+                    owners.append(fed)
+        return owners
+
     # -- internals --------------------------------------------------------------------
+
+    def _reconsider(
+        self,
+        owner: T,
+        key: PathKey,
+        data: bytes | bytearray | memoryview,
+        addr: Address,
+        now: float,
+    ) -> T:
+        """Nothing of ``owner``'s session opens ``data`` from its mapped address: maybe it
+        is the displaced owner's (whose endpoint is still here), or the address now belongs
+        to another peer (a NAT reusing a port), so look for a better owner."""
+        back = self._displaced.get(key)
+        if back is not None and self._sessions[back].owns_datagram(data):
+            other: T | None = back
+        else:
+            other = self._identify(data, now, exclude=owner)
+        if other is None:
+            return owner
+        self.stats.reassigned += 1
+        return self._feed(other, data, addr, now)
 
     def _feed(self, owner: T, data: bytes | bytearray | memoryview, addr: Address, now: float) -> T:
         session = self._sessions[owner]
@@ -225,6 +349,8 @@ class Demultiplexer(Generic[T]):
     ) -> T | None:
         """Which other owner can show this datagram is theirs? Authenticated evidence
         only; the chosen session re-checks everything itself."""
+        if self._fallback_stale:
+            self._rebuild_fallback_keys()
         size = len(data)
         if size < PACKET_OVERHEAD or size > self._max_datagram:
             self.stats.bad_size += 1
@@ -275,6 +401,9 @@ class Demultiplexer(Generic[T]):
             owner = self._by_key.get(kx.identity_key)
             if owner is None or owner == exclude:
                 return None
+            dormant = self._dormant.get(owner)
+            if dormant is not None:
+                return self._wake(owner, dormant, kx, (key, mask), now)
             session = self._sessions[owner]
             if session.fallback_key != (key, mask):
                 return None  # not how this peer's packets are sealed: its session would refuse
@@ -288,6 +417,27 @@ class Demultiplexer(Generic[T]):
             self.stats.identified_kx += 1
             return owner
         return None
+
+    def _wake(
+        self,
+        owner: T,
+        dormant: Dormant,
+        kx: KeyExchangeMessage,
+        fallback: tuple[PacketKey, int],
+        now: float,
+    ) -> T | None:
+        """The same checks a session's key exchange gets here, then its session."""
+        if dormant.fallback != fallback:
+            return None  # not how this peer's packets are sealed: its session would refuse
+        if not self._spend(now):
+            return None
+        if not kx.verify(dormant.remote):
+            return None
+        assert self.wake is not None
+        self.add(owner, self.wake(owner, now))
+        self.stats.identified_kx += 1
+        self.stats.woken += 1
+        return owner
 
     def _map(self, owner: T, addr: Address | None) -> None:
         if addr is None:
@@ -333,10 +483,15 @@ class Demultiplexer(Generic[T]):
         distinct PSK's aux key, each tried once however many peers share it. And the
         largest datagram a peer sends (payload limits must match the peer's)."""
         keys: dict[tuple[bytes | None, bytes, int], tuple[PacketKey, int]] = {}
+        limit = 0
         for session in self._sessions.values():
             key, mask = session.fallback_key
             keys.setdefault((key.stream_key, key.mac_seed, mask), (key, mask))
+            limit = max(limit, session.options.payload_size_limit)
+        for dormant in self._dormant.values():
+            key, mask = dormant.fallback
+            keys.setdefault((key.stream_key, key.mac_seed, mask), (key, mask))
+            limit = max(limit, dormant.payload_size_limit)
         self._fallback_keys = list(keys.values())
-        self._max_datagram = PACKET_OVERHEAD + max(
-            (s.options.payload_size_limit for s in self._sessions.values()), default=0
-        )
+        self._max_datagram = PACKET_OVERHEAD + limit
+        self._fallback_stale = False

@@ -242,6 +242,59 @@ class Reassembler:
             return None
         return self._complete(chain_id, chain)
 
+    def add_span(
+        self, msg_type: int, chain_id: int, total: int, start: int, chunks: bytes
+    ) -> bytes | bool | None:
+        """Take consecutive fragments of one chain whose chunks, joined, are ``chunks``
+        from ``start`` (non-empty, within ``total``), as ``add`` would take them one by one.
+
+        Only the cases where that is one step are done here: a new chain, or one whose
+        received bytes end exactly at ``start``. Returns the whole message when the span
+        completes the chain, ``None`` when it does not, and ``False`` (changing nothing)
+        when the caller must call ``add`` per fragment: an unknown chain too large or too
+        old, a completed chain (duplicates), a mismatch, or an out-of-order span.
+        """
+        end = start + len(chunks)
+        if (
+            not chunks
+            or total == 0
+            or end > total
+            or total > self.max_message_size
+            or chain_id in self._done_ids
+            or self._last_chain - chain_id > self.max_chain_id_diff
+        ):
+            return False
+        chain = self._chains.get(chain_id)
+        if chain is not None:
+            ends = chain.ends
+            if chain.total != total or chain.msg_type != msg_type or ends[-1] != start:
+                return False
+            chain.buf[start:end] = chunks
+            ends[-1] = end
+            chain.covered += end - start
+            if chain.covered < total:
+                return None
+            return self._complete(chain_id, chain)
+        if total > self.byte_budget:
+            return False
+        # -- a new chain, as its first fragment would make it --
+        if chain_id > self._last_chain:
+            self._last_chain = chain_id
+            self._expire_old_chains()
+        self._make_room(total)
+        if start == 0 and end == total:  # whole: made and completed at once
+            self._remember_done(chain_id)
+            self.completed += 1
+            return chunks
+        chain = _Chain(msg_type, total)
+        self._chains[chain_id] = chain
+        self._bytes += total
+        chain.buf[start:end] = chunks
+        chain.starts.append(start)
+        chain.ends.append(end)
+        chain.covered = end - start
+        return None
+
     def _complete(self, chain_id: int, chain: _Chain) -> bytes:
         del self._chains[chain_id]
         self._bytes -= chain.total

@@ -71,6 +71,26 @@ class ReplayWindow:
         self._bitmap |= 1 << distance
         return True
 
+    def accept_consecutive(self, first: int, count: int) -> bool:
+        """``accept`` of ``first, first+1, ..., first+count-1`` in one step, when all lie
+        above ``latest`` (a run of fresh datagrams in order: every one would be taken).
+        Otherwise changes nothing and returns False: the caller takes them one by one."""
+        if self.size < 0:
+            return count >= 1
+        latest = self._latest
+        if count < 1 or first <= latest:
+            return False
+        last = first + count - 1
+        if self.size > 1:
+            shift = last - latest
+            fresh = (1 << min(count, self.size)) - 1
+            if shift >= self.size:
+                self._bitmap = fresh & self._mask
+            else:
+                self._bitmap = ((self._bitmap << shift) | fresh) & self._mask
+        self._latest = last
+        return True
+
     def reset(self) -> None:
         """Forget everything: used when the peer starts a new session (new SessionID)."""
         self._latest = 0
