@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
-import selectors
+import select
 import socket
 import time
 import traceback
@@ -39,6 +39,12 @@ Callback = Callable[[float], None]
 MAX_WAIT: Final = 3600.0
 FAILURE_LOG_INTERVAL: Final = 30.0
 """Seconds between two log lines about the same failing callback."""
+_IN: Final = select.EPOLLIN
+_OUT: Final = select.EPOLLOUT
+_READ_READY: Final = ~select.EPOLLOUT
+"""Anything but "writable" serves the reader: data, and also HUP/ERR, which a read reports."""
+_WRITE_READY: Final = ~select.EPOLLIN
+"""Anything but "readable" serves the writer (as ``selectors`` maps HUP/ERR to both)."""
 
 
 class SystemClock:
@@ -70,11 +76,20 @@ class Timer:
 
 
 class EventLoop:
-    """Readers and writers on file descriptors, timers, and thread-safe wake-ups."""
+    """Readers and writers on file descriptors, timers, and thread-safe wake-ups.
+
+    It talks to ``select.epoll`` directly rather than through ``selectors``: a wake-up
+    then costs one ``epoll_wait`` and a dictionary lookup per ready descriptor, with no
+    selector key objects, no ``(key, events)`` list and no mask translation, which is
+    measurable on a lone packet (issue 13). Level-triggered, so a reader that leaves data
+    behind (a per-wake-up budget) is woken again at once, and a descriptor that stays
+    ready cannot starve the others: epoll hands out ready descriptors round-robin."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        self._registered: dict[int, int] = {}
+        """fd -> the epoll mask it is registered with."""
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
         self._timers: list[Timer] = []
@@ -82,13 +97,17 @@ class EventLoop:
         self._running = False
         self.callback_failures = 0
         """Callbacks that raised (each logged, rate-limited, and survived)."""
+        self.wakeups = 0
+        """Returns from ``epoll_wait``: what idling costs, for tests and measurements."""
         self._failure_log = RateLimitedLog(
             logger, interval=FAILURE_LOG_INTERVAL, max_keys=64, max_lines=16
         )
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r.fileno(), selectors.EVENT_READ)
+        self._wake_fd = self._wake_r.fileno()
+        self._epoll.register(self._wake_fd, _IN)
+        self._registered[self._wake_fd] = _IN
 
     # -- registration -------------------------------------------------------------------
 
@@ -109,25 +128,34 @@ class EventLoop:
             self._update(fd)
 
     def _update(self, fd: int) -> None:
-        events = (selectors.EVENT_READ if fd in self._readers else 0) | (
-            selectors.EVENT_WRITE if fd in self._writers else 0
-        )
-        sel = self._selector
+        events = (_IN if fd in self._readers else 0) | (_OUT if fd in self._writers else 0)
+        old = self._registered.get(fd)
+        ep = self._epoll
         try:
-            if events:
+            if events and old is None:
                 try:
-                    sel.modify(fd, events)
-                except KeyError:
-                    sel.register(fd, events)
-            else:
-                with contextlib.suppress(KeyError):
-                    sel.unregister(fd)
+                    ep.register(fd, events)
+                except FileExistsError:  # a reused number whose old file is still open
+                    ep.modify(fd, events)
+                self._registered[fd] = events
+            elif events and old != events:
+                try:
+                    ep.modify(fd, events)
+                except FileNotFoundError:  # closed and reopened under the same number
+                    ep.register(fd, events)
+                self._registered[fd] = events
+            elif not events and old is not None:
+                del self._registered[fd]
+                # a descriptor closed before it was removed has left the set already
+                with contextlib.suppress(OSError):
+                    ep.unregister(fd)
         except (ValueError, OSError) as exc:  # a descriptor already closed
             logger.debug("loop: fd %d: %s", fd, exc)
             self._readers.pop(fd, None)
             self._writers.pop(fd, None)
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                sel.unregister(fd)
+            self._registered.pop(fd, None)
+            with contextlib.suppress(ValueError, OSError):
+                ep.unregister(fd)
 
     def call_at(self, when: float, callback: Callback) -> Timer:
         timer = Timer(when, callback)
@@ -157,39 +185,54 @@ class EventLoop:
         """Serve until ``stop``. ``after_wakeup(now)`` runs once after every wake-up's
         callbacks and timers: the daemon flushes what they produced there, so small
         packets of one wake-up share a datagram. A callback that raises is logged and
-        counted (``callback_failures``); the loop goes on with the next one."""
+        counted (``callback_failures``); the loop goes on with the next one.
+
+        One clock read per wake-up, right after the wait: every callback, due timer and
+        ``after_wakeup`` of that wake-up sees the same ``now`` (a timer that falls due
+        while they run is served on the next pass, which does not sleep). A second read
+        before the wait, only when a timer is pending, sizes the sleep."""
         self._running = True
-        sel = self._selector
-        wake_fd = self._wake_r.fileno()
+        poll = self._epoll.poll
+        registered = self._registered
+        wake_fd = self._wake_fd
         clock = self.clock
         readers, writers = self._readers, self._writers
+        timers = self._timers
+        pending = self._pending
         while self._running:
-            ready = sel.select(self._timeout(clock()))
+            if pending:
+                timeout = 0.0
+            elif timers:
+                timeout = self._timeout(clock())
+            else:
+                timeout = MAX_WAIT
+            ready = poll(timeout, len(registered))
+            self.wakeups += 1
             now = clock()
-            for key, events in ready:
-                fd = key.fd
-                if fd == wake_fd:
-                    self._drain_wake()
-                    continue
-                if events & selectors.EVENT_READ:
+            for fd, events in ready:
+                if events & _READ_READY:
                     cb = readers.get(fd)
                     if cb is not None:
                         try:
                             cb(now)
                         except Exception as exc:
                             self._failed(cb, exc, now)
-                if events & selectors.EVENT_WRITE:
+                    elif fd == wake_fd:
+                        self._drain_wake()
+                if events & _WRITE_READY:
                     cb = writers.get(fd)
                     if cb is not None:
                         try:
                             cb(now)
                         except Exception as exc:
                             self._failed(cb, exc, now)
-            self._run_pending(now)
-            self._run_timers(clock())
+            if pending:
+                self._run_pending(now)
+            if timers and timers[0].when <= now:
+                self._run_timers(now)
             if after_wakeup is not None:
                 try:
-                    after_wakeup(clock())
+                    after_wakeup(now)
                 except Exception as exc:
                     self._failed(after_wakeup, exc, now)
 
@@ -212,8 +255,6 @@ class EventLoop:
         )
 
     def _timeout(self, now: float) -> float:
-        if self._pending:
-            return 0.0
         timers = self._timers
         while timers and timers[0].cancelled:
             heapq.heappop(timers)
@@ -227,8 +268,6 @@ class EventLoop:
                 pass
 
     def _run_pending(self, now: float) -> None:
-        if not self._pending:
-            return
         pending = self._pending
         for _ in range(len(pending)):
             cb = pending.popleft()
@@ -249,7 +288,7 @@ class EventLoop:
                     self._failed(timer.callback, exc, now)
 
     def close(self) -> None:
-        self._selector.close()
+        self._epoll.close()
         self._wake_r.close()
         self._wake_w.close()
 
