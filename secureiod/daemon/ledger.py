@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 
-from ..netlink import Rule
+from ..netlink import RT_TABLE_MAIN, Rule
 from .ports import Interface, Network
 
 logger = logging.getLogger(__name__)
@@ -204,14 +204,16 @@ def _from_json(data: object) -> Owned:
         if version not in (4, 6):
             raise ValueError(f"bad IP version {version!r}")
         return OwnedRule(
-            Rule(
-                version=version,
-                priority=_u32(data["priority"]),
-                table=_u32(data["table"]),
-                fwmark=_opt_u32(data.get("fwmark")),
-                fwmask=_opt_u32(data.get("fwmask")),
-                invert=bool(data.get("invert")),
-                suppress_prefixlength=_opt_u32(data.get("suppress_prefixlength")),
+            _rule_of_ours(
+                Rule(
+                    version=version,
+                    priority=_u32(data["priority"]),
+                    table=_u32(data["table"]),
+                    fwmark=_opt_u32(data.get("fwmark")),
+                    fwmask=_opt_u32(data.get("fwmask")),
+                    invert=bool(data.get("invert")),
+                    suppress_prefixlength=_opt_u32(data.get("suppress_prefixlength")),
+                )
             )
         )
     if kind == "address":
@@ -238,6 +240,51 @@ MAX_LINK_MTU: Final = 65535
 NFT_FAMILIES: Final = frozenset({"inet"})
 NFT_TABLE_PREFIX: Final = "secureiod-"
 SYSCTL_KEYS: Final = frozenset({"net/ipv4/conf/all/src_valid_mark"})
+
+
+MAX_RULE_PRIORITY: Final = 32765
+"""``policy.RULE_PRIORITY_TOP``: the daemon's rules sit below the main table's (32766)."""
+RESERVED_TABLES: Final = frozenset({0, 253, 255})
+"""unspec, default, local: never the full tunnel's table."""
+
+
+def _rule_of_ours(rule: Rule) -> Rule:
+    """``rule`` if it has one of the two shapes ``policy.policy_rules`` writes, else
+    ``ValueError``: a rule is deleted by its attributes, so a record naming ``lookup
+    main`` at 32766 would otherwise take the host's main table away."""
+    suppress = (
+        rule.table == RT_TABLE_MAIN
+        and rule.suppress_prefixlength == 0
+        and rule.fwmark is None
+        and not rule.invert
+    )
+    mark = (
+        rule.invert
+        and rule.fwmark is not None
+        and rule.fwmask == 0xFFFFFFFF
+        and rule.suppress_prefixlength is None
+        and rule.table not in RESERVED_TABLES | {RT_TABLE_MAIN}
+    )
+    if not (suppress or mark) or not 1 <= rule.priority <= MAX_RULE_PRIORITY:
+        raise ValueError(f"not a rule the daemon adds: {rule.describe()}")
+    return rule
+
+
+def _of_interface(item: Owned, ifname: str) -> bool:
+    """Whether ``item`` could be something the daemon for ``ifname`` added: its routes,
+    addresses, DNS settings and MTU are all on its own device, its nftables table is
+    named after it. A record naming another device's route or address (edited, or
+    copied from another interface's) must not make the start delete it."""
+    if isinstance(item, OwnedRoute | OwnedAddress | OwnedDns | OwnedMtu):
+        return item.dev == ifname
+    if isinstance(item, OwnedNftTable):
+        return item.name == NFT_TABLE_PREFIX + _nft_safe(ifname)
+    return True
+
+
+def _nft_safe(ifname: str) -> str:
+    """As ``nft.table_name`` spells ``ifname`` (not imported: nft.py imports this module)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in ifname)
 
 
 def _nft_family(value: object) -> str:
@@ -297,9 +344,10 @@ class LedgerFile:
         self._warned = False
 
     @classmethod
-    def open(cls, path: Path) -> tuple[LedgerFile, list[Owned]]:
+    def open(cls, path: Path, ifname: str | None = None) -> tuple[LedgerFile, list[Owned]]:
         """Lock ``path`` (created 0600 if missing) and read what a previous instance in
-        this network namespace recorded and did not give back."""
+        this network namespace recorded and did not give back; with ``ifname``, only
+        what a daemon for that interface could have added (``_of_interface``)."""
         try:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -334,7 +382,7 @@ class LedgerFile:
             raise
         netns = current_netns()
         store = cls(path, fd, netns)
-        store._generation, leftovers = _parse(path, data, netns)
+        store._generation, leftovers = _parse(path, data, netns, ifname)
         store.compact(leftovers)
         return store, leftovers
 
@@ -402,7 +450,9 @@ def _line(value: dict[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode() + b"\n"
 
 
-def _parse(path: Path, data: bytes, netns: int | None) -> tuple[int, list[Owned]]:
+def _parse(
+    path: Path, data: bytes, netns: int | None, ifname: str | None = None
+) -> tuple[int, list[Owned]]:
     """(generation, items) of a journal; (0, []) for none or one that is not ours."""
     if not data:
         return 0, []
@@ -430,7 +480,7 @@ def _parse(path: Path, data: bytes, netns: int | None) -> tuple[int, list[Owned]
     items: list[Owned] = []
     raw_items = header.get("items")
     for raw in raw_items if isinstance(raw_items, list) else []:
-        _apply(path, items, "+", raw)
+        _apply(path, items, "+", raw, ifname)
     for raw_line in lines[1:]:
         if not raw_line:
             continue
@@ -439,15 +489,25 @@ def _parse(path: Path, data: bytes, netns: int | None) -> tuple[int, list[Owned]
         except (UnicodeDecodeError, ValueError):
             break  # a torn last line
         if isinstance(change, dict) and change.get("gen") == generation:
-            _apply(path, items, change.get("op"), change.get("item"))
+            _apply(path, items, change.get("op"), change.get("item"), ifname)
     return generation, items
 
 
-def _apply(path: Path, items: list[Owned], op: object, raw: object) -> None:
+def _apply(
+    path: Path, items: list[Owned], op: object, raw: object, ifname: str | None = None
+) -> None:
     try:
         item = _from_json(raw)
     except (KeyError, TypeError, ValueError) as exc:
         logger.warning("%s: skipping an unreadable item (%s)", path, exc)
+        return
+    if ifname is not None and not _of_interface(item, ifname):
+        logger.warning(
+            "%s: skipping %s: not something the daemon for %s adds; left alone",
+            path,
+            item.describe(),
+            ifname,
+        )
         return
     if op == "+" and item not in items:
         items.append(item)
