@@ -103,7 +103,10 @@ IFNAMSIZ: Final = 16
 """Linux interface names are at most IFNAMSIZ - 1 = 15 bytes (one for the NUL)."""
 _SUN_PATH_MAX: Final = 107
 """sockaddr_un.sun_path is 108 bytes including the NUL: longer socket paths cannot bind."""
-_MAX_CONFIG_SIZE: Final = 1 << 20
+_MAX_CONFIG_SIZE: Final = 4 << 20
+"""A bound on what a config file can make us parse and hold. A full peer entry (name, key,
+endpoint, IPv4 and IPv6 allowed_ips, psk_file) is about 250 bytes, so 4 MiB fits 12,000 such
+peers (10,000 and 20 % headroom) with room for comments; bigger is a mistake, not a site."""
 _WEAK_PSK_SIZE: Final = 16
 
 RESTART_INTERFACE_FIELDS: Final = frozenset(
@@ -717,6 +720,13 @@ class _Problem:
     message: str
 
 
+def _too_large(shown: str, size: int) -> ConfigError:
+    return ConfigError(
+        f"{shown}: config file is too large ({size} bytes, the limit is {_MAX_CONFIG_SIZE} "
+        "bytes, about 12,000 peers); trim comments or split the peers over two interfaces"
+    )
+
+
 def _read_config_text(path: Path, shown: str) -> str:
     try:
         info = os.stat(path)
@@ -725,8 +735,11 @@ def _read_config_text(path: Path, shown: str) -> str:
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError(f"{shown}: config file is not a regular file")
         if info.st_size > _MAX_CONFIG_SIZE:
-            raise ConfigError(f"{shown}: config file is too large ({info.st_size} bytes)")
-        data = path.read_bytes()
+            raise _too_large(shown, info.st_size)
+        with path.open("rb") as f:  # bounded: the file may have grown since the stat
+            data = f.read(_MAX_CONFIG_SIZE + 1)
+        if len(data) > _MAX_CONFIG_SIZE:
+            raise _too_large(shown, len(data))
     except FileNotFoundError:
         raise ConfigError(f"{shown}: config file does not exist") from None
     except PermissionError:

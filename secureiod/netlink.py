@@ -34,6 +34,8 @@ from typing import Any, Final
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError as _PyrouteError
 
+from .route_socket import RouteSocket
+
 __all__ = [
     "RT_TABLE_MAIN",
     "Interface",
@@ -187,8 +189,11 @@ class Netlink:
         with self._op(f"open route netlink socket{where}"):
             # flags=0: never let pyroute2 create a missing namespace as a side effect.
             self._ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
+            # The requests made once per peer (route add/delete, link lookup): by hand.
+            self._fast = RouteSocket(self._ipr.fileno())
 
     def close(self) -> None:
+        self._fast.close()
         self._ipr.close()
 
     def __enter__(self) -> Netlink:
@@ -202,8 +207,7 @@ class Netlink:
     def link_index(self, name: str) -> int | None:
         """The ifindex of ``name``, or ``None`` if there is no such link."""
         with self._op(f"look up link {name}"):
-            found = self._ipr.link_lookup(ifname=name)
-        return int(found[0]) if found else None
+            return self._fast.link_index(name)
 
     def set_up(self, name: str) -> None:
         with self._op(f"set {name} up"):
@@ -334,15 +338,17 @@ class Netlink:
         net = ipaddress.ip_network(dst)
         if metric is None:
             metric = default_metric(net.version)
-        kwargs = self._route_key(net, table)
-        kwargs["priority"] = int(metric)
-        if net.version == 4:
-            kwargs["scope"] = _RT_SCOPE_LINK
-        if mtu is not None:
-            kwargs["metrics"] = {"mtu": int(mtu)}
+        scope = _RT_SCOPE_LINK if net.version == 4 else 0
         what = f"add route {net} dev {dev}" + _table_text(table) + _metric_text(metric)
         with self._op(what):
-            self._ipr.route("add", oif=self._index(dev), **kwargs)
+            self._fast.add_route(
+                net,
+                self._index(dev),
+                table=int(table),
+                metric=int(metric),
+                scope=scope,
+                mtu=None if mtu is None else int(mtu),
+            )
 
     def delete_route(
         self,
@@ -364,17 +370,15 @@ class Netlink:
                 return  # the kernel removed the link's routes with the link
             # Any scope and protocol, as `ip route del` asks: pyroute2's defaults (scope
             # universe) miss a link-scope route and the kernel's ESRCH would pass for "gone".
-            key = {
-                "oif": index,
-                "scope": _RT_SCOPE_NOWHERE,
-                "proto": 0,
-                **self._route_key(net, table),
-            }
-            if metric is not None:
-                key["priority"] = int(metric)
             for _ in range(1 if metric is not None else _MAX_DUPLICATE_ROUTES):
                 try:
-                    self._ipr.route("del", **key)
+                    self._fast.delete_route(
+                        net,
+                        index,
+                        table=int(table),
+                        metric=None if metric is None else int(metric),
+                        scope=_RT_SCOPE_NOWHERE,
+                    )
                 except _PyrouteError as exc:
                     if exc.code not in _GONE:
                         raise

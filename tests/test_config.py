@@ -170,10 +170,11 @@ def test_config_file_permission_denied(site: Site, monkeypatch: pytest.MonkeyPat
     """Unreadable config file (faked: the suite runs as root, which reads any file)."""
     path = site.write()
 
-    def refuse(self: Path) -> bytes:
+    def refuse(self: Path, *args: object, **kwargs: object) -> bytes:
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr(Path, "open", refuse)  # the loader reads through a bounded open()
     assert error_of(path) == f"{path}: cannot read the config file: permission denied"
 
 
