@@ -31,37 +31,56 @@ MAX_TOO_BIG_ROUNDS: Final = 4
 
 
 class BatchSize:
-    """How many packets one read takes. After a quiet spell, one packet per descriptor:
-    reading on until EAGAIN costs a system call that, on a cold CPU, is a good part of a
-    ping's latency (level-triggered epoll wakes us again if more is waiting). Under load
-    every read takes a whole batch.
+    """How many packets one read of one descriptor takes. After a quiet spell, one
+    packet: reading on until EAGAIN costs a system call that, on a cold CPU, is a good
+    part of a ping's latency (level-triggered epoll wakes us again if more is waiting).
+    Under load every read takes a whole batch. Each descriptor (TUN, UDP) has its own:
+    a ping's reply arrives a fraction of a millisecond after its request left, and with
+    one shared size that reply's read counted as "back to back" and paid for an EAGAIN.
 
-    "Under load" is either sign: the wake-ups come back to back (``BUSY_GAP``), or the
-    previous read found a queue (a single-packet read that got its packet, or a batch
-    read that got more than one). The second matters when other work on the loop
-    (control requests, a reload) spaces the wake-ups out: going by the gap alone, a
-    busy loop would read one packet per descriptor per wake-up, and a queue that builds
-    while the loop is busy would never drain."""
+    "Under load" is either sign: this descriptor's wake-ups come back to back
+    (``BUSY_GAP``), or its previous read found a queue. A batch read that got more than
+    one packet found one. A single-packet read that got its packet only may have: it
+    counts when the descriptor was ready again on the loop's very next wake-up (level-
+    triggered epoll reports a descriptor with data left at once), which ``wake_count``
+    (the loop's count of returns from ``epoll_wait``) tells; without it, it always
+    counts. This matters when other work on the loop (control requests, a reload) spaces
+    the wake-ups out: going by the gap alone, a busy loop would read one packet per
+    wake-up, and a queue that builds while the loop is busy would never drain. Lone
+    packets with another wake-up in between (a ping's reply, a timer) read one at a
+    time; a one-way trickle that is the loop's only work still reads a batch every
+    other time (the count cannot tell "woke at once" from "slept, then woke")."""
 
-    __slots__ = ("backlog", "last_wake", "size")
+    __slots__ = ("_wake_count", "backlog", "last_count", "last_wake", "maybe", "size")
 
-    def __init__(self) -> None:
+    def __init__(self, wake_count: Callable[[], int] | None = None) -> None:
         self.size = 1
         self.last_wake = 0.0
         self.backlog = False
+        """The last read surely found a queue (a batch read got more than one packet)."""
+        self.maybe = False
+        """The last read was a single-packet read that got its packet."""
+        self._wake_count = wake_count
+        self.last_count = -2
 
     def on_wake(self, now: float) -> int:
-        if now != self.last_wake:
-            gap = now - self.last_wake
-            self.size = BATCH if gap < BUSY_GAP or (self.backlog and gap < BACKLOG_WINDOW) else 1
-            self.backlog = False
-            self.last_wake = now
-        return self.size
+        """Once per wake-up of the descriptor, before its read."""
+        gap = now - self.last_wake
+        wc = self._wake_count
+        count = wc() if wc is not None else 0
+        queued = self.backlog or (self.maybe and (wc is None or count == self.last_count + 1))
+        self.backlog = self.maybe = False
+        self.last_wake = now
+        self.last_count = count
+        self.size = size = BATCH if gap < BUSY_GAP or (queued and gap < BACKLOG_WINDOW) else 1
+        return size
 
     def note(self, count: int) -> None:
         """After a read of ``on_wake``'s size: it returned ``count`` packets."""
-        if count > 1 or count >= self.size:
+        if count > 1:
             self.backlog = True
+        elif count >= self.size:
+            self.maybe = True
 
 
 class SendPath:

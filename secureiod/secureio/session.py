@@ -92,6 +92,11 @@ _KX: Final = MessageType.KEY_EXCHANGE
 _NEG: Final = MessageType.NEGOTIATION
 _CONF: Final = MESSAGE_FLAG_CONFIDENTIAL
 _MAX_EVENTS: Final = 65536
+_CLOSED: Final = SessionState.CLOSED
+_CLOSING: Final = SessionState.CLOSING
+_ESTABLISHED: Final = SessionState.ESTABLISHED
+_NEW: Final = SessionState.NEW
+_SESSION_CLASS: Final = PacketClass.SESSION
 _U32_AT_65: Final = 65
 """Where a ping's IterationID sits (PROTOCOL §8.2)."""
 _GO_COVERAGE_WORD: Final = 64
@@ -342,12 +347,12 @@ class Session:
     ) -> None:
         """One datagram from ``addr``. It may move ``endpoint`` (``PathChanged``) only
         under the rules in the module docstring."""
-        stats = self.stats
-        if self.state in (SessionState.NEW, SessionState.CLOSED):
-            stats.drop(DropReason.NOT_ACCEPTING)
+        state = self.state
+        if state is _NEW or state is _CLOSED:
+            self.stats.drop(DropReason.NOT_ACCEPTING)
             return
         if not data:
-            stats.drop(DropReason.EMPTY)
+            self.stats.drop(DropReason.EMPTY)
             return
         kx = self._kx
         if kx.keys_version != self._ring_version:
@@ -371,17 +376,22 @@ class Session:
         under ``self._ring.keys[index]`` (shared with ``receive_datagram_run``)."""
         stats = self.stats
         kx = self._kx
-        if self._ring.keys[index].packet_class is PacketClass.SESSION:
-            if not self._replay.accept(pid):
+        if self._ring.keys[index].packet_class is _SESSION_CLASS:
+            replay = self._replay
+            if not replay.accept(pid):
                 stats.drop(DropReason.REPLAY)
                 return
             # Accepted and equal to the window's newest: above every PacketID so far.
-            if addr != self._endpoint and pid == self._replay.latest and self._replay.size > 0:
+            if addr != self._endpoint and pid == replay.latest and replay.size > 0:
                 self._path_validated(addr, now)
             self._heard_session_packet = True
             if kx.watching and kx.note_session_packet(kx.recv_slot_ids[index], now):
                 self._needs_update = True
-            self._accept_datagram(size, now)
+            # an accepted datagram: the peer is alive (written out: this runs per datagram)
+            self._decrypt_failures = 0
+            self.last_received = now
+            stats.rx_packets += 1
+            stats.rx_bytes += size
             # The common case, one data message filling the packet, without the generic walk.
             if len(messages) >= MESSAGE_HEADER_SIZE:
                 mtype, length, flags = MESSAGE_HEADER.unpack_from(messages)
@@ -502,8 +512,8 @@ class Session:
             or not self._replay.accept_consecutive(pid, count)
         ):
             return False
-        # What _accept_datagram does for each; the path stays (addr is the endpoint's, so
-        # path validation would change nothing).
+        # What _receive_opened does for each accepted datagram; the path stays (addr is
+        # the endpoint's, so path validation would change nothing).
         self._heard_session_packet = True
         self._decrypt_failures = 0
         self.last_received = now
@@ -561,18 +571,20 @@ class Session:
         fragmentation is off, ``QueueFullError`` when too much waits for establishment and
         ``SessionClosedError`` after ``close``.
         """
-        if self.state in (SessionState.CLOSING, SessionState.CLOSED):
+        state = self.state
+        if state is _CLOSING or state is _CLOSED:
             raise SessionClosedError("session is closed")
-        if MessageType.is_internal(message_type):
+        if message_type in (_KX, _NEG):  # MessageType.is_internal, without the call
             raise ValueError("internal message types cannot be written by the application")
         size = len(payload)
         opt = self.options
-        limit = opt.max_fragmented_message_size if opt.enable_fragmentation else None
-        if size > self.payload_size and (limit is None or size > limit):
+        if size > self.payload_size and (
+            not opt.enable_fragmentation or size > opt.max_fragmented_message_size
+        ):
             raise PayloadTooBigError(
                 f"payload of {size} bytes exceeds the session's {self.payload_size}"
             )
-        if self.state != SessionState.ESTABLISHED or self._kx.send_key is None:
+        if state is not _ESTABLISHED or self._kx.send_key is None:
             if len(self._queued) >= opt.max_queued_messages:
                 raise QueueFullError("too many messages waiting for the session to establish")
             self._queued.append((message_type, bytes(payload)))
@@ -726,18 +738,26 @@ class Session:
         return out
 
     def get_timer(self) -> float | None:
-        if self.state == SessionState.CLOSED:
+        """The earliest of the batch, key-exchange, negotiation and probe deadlines.
+        Called after every wake-up for every active peer, so it compares in place
+        instead of building a list (the same minimum)."""
+        if self.state is _CLOSED:
             return None
-        times = [
-            t
-            for t in (self._batch_deadline, self._kx.get_timer(), self._negotiator.get_timer())
-            if t is not None
-        ]
-        if self._prober.active:
-            t = self._prober.get_timer(self._largest_sent)
-            if t is not None:
-                times.append(t)
-        return min(times) if times else None
+        t = self._batch_deadline
+        k = self._kx.get_timer()
+        if k is not None and (t is None or k < t):
+            t = k
+        negotiator = self._negotiator
+        if not negotiator.done:
+            k = negotiator.get_timer()
+            if k is not None and (t is None or k < t):
+                t = k
+        prober = self._prober
+        if prober.active:
+            k = prober.get_timer(self._largest_sent)
+            if k is not None and (t is None or k < t):
+                t = k
+        return t
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -784,12 +804,6 @@ class Session:
         if old is not None and self._prober.active and not self._negotiating_probe_sizes:
             self._prober.path_changed(now)  # a new path: size it from scratch
             self._needs_update = True
-
-    def _accept_datagram(self, size: int, now: float) -> None:
-        self._decrypt_failures = 0
-        self.last_received = now
-        self.stats.rx_packets += 1
-        self.stats.rx_bytes += size
 
     def _process_messages(self, messages: bytes, now: float, *, stranger: bool = False) -> None:
         """``stranger``: the datagram came from elsewhere than the endpoint (key exchanges
@@ -907,8 +921,9 @@ class Session:
         self._next_pid = pid + 1
         datagram = seal(key, pid, messages, self._pid_mask)
         self._out.append(datagram)
-        self.stats.tx_packets += 1
-        self.stats.tx_bytes += len(datagram)
+        stats = self.stats
+        stats.tx_packets += 1
+        stats.tx_bytes += len(datagram)
         self.last_sent = now
 
     def _send_data(self, mtype: int, payload: bytes | memoryview, now: float) -> None:
@@ -923,22 +938,24 @@ class Session:
             return
         self.stats.tx_messages += 1
         encoded = MESSAGE_HEADER.pack(mtype, size, _CONF) + payload
-        if self.options.send_delay <= 0:
+        send_delay = self.options.send_delay
+        if send_delay <= 0:
             if size > self._largest_sent:
                 self._largest_sent = size
             self._seal(self._kx.send_key, encoded, now)  # type: ignore[arg-type]
             return
         needed = MESSAGE_HEADER_SIZE + size
-        if (
-            self._batch
-            and CONTAINER_HEADER_SIZE + self._batch_size + needed
-            > self.payload_size + PACKET_OVERHEAD
-        ):
+        if not self._batch:
+            self._batch.append(encoded)
+            self._batch_size = needed
+            self._batch_deadline = now + send_delay
+            return
+        if CONTAINER_HEADER_SIZE + self._batch_size + needed > self.payload_size + PACKET_OVERHEAD:
             self._flush_batch(now)
         self._batch.append(encoded)
         self._batch_size += needed
         if self._batch_deadline is None:
-            self._batch_deadline = now + self.options.send_delay
+            self._batch_deadline = now + send_delay
 
     def _send_fragments(self, mtype: int, payload: bytes | memoryview, now: float) -> None:
         self.flush(now)
