@@ -881,6 +881,33 @@ class FakeUdp:
             out.append((data, src))
         return out
 
+    def recv_runs(self, max_count: int = 64) -> list[tuple[bytes, int, Address]]:
+        """``UdpSocket.recv_runs`` with the kernel's GRO rules: one read coalesces queued
+        datagrams of one sender of one size (the last may be shorter), at most 64 and
+        64 KiB, so whole-device tests run the receive batch path."""
+        out: list[tuple[bytes, int, Address]] = []
+        queue = self._queue
+        stats = self.stats
+        while queue and len(out) < max_count:
+            data, src = queue.popleft()
+            run = [data]
+            size = len(data)
+            total = size
+            while (
+                queue
+                and len(run) < 64
+                and queue[0][1] == src
+                and 0 < len(queue[0][0]) <= size
+                and len(run[-1]) == size
+                and total + len(queue[0][0]) <= 65535
+            ):
+                total += len(queue[0][0])
+                run.append(queue.popleft()[0])
+            stats.rx_datagrams += len(run)
+            stats.rx_bytes += total
+            out.append((b"".join(run), size or 1, src))
+        return out
+
     def send(self, data: bytes | bytearray | memoryview, address: Address) -> SendResult:
         stats = self.stats
         if self.closed:
@@ -894,6 +921,16 @@ class FakeUdp:
         elif result is SendResult.TOO_BIG:
             stats.tx_too_big += 1
         return result
+
+    def send_run(
+        self, buffer: bytes, segment_size: int, address: Address
+    ) -> list[tuple[bytes, SendResult]]:
+        """``UdpSocket.send_run``: datagrams back to back in one buffer. Cut into the same
+        datagrams and sent as ``send_batch`` sends them (the same GSO grouping), so what
+        the wire sees does not depend on which of the two the daemon used."""
+        view = memoryview(buffer)
+        run = [bytes(view[i : i + segment_size]) for i in range(0, len(view), segment_size)]
+        return self.send_batch(run, address)
 
     def send_batch(
         self, datagrams: Sequence[bytes], address: Address
@@ -963,6 +1000,7 @@ class FakeNetlink:
     OPERATIONS: Final = frozenset(
         {
             "set_mtu",
+            "get_mtu",
             "set_up",
             "add_address",
             "create_address",
@@ -1073,6 +1111,11 @@ class FakeNetlink:
         self._call("set_mtu", name, mtu)
         self.mtu[name] = int(mtu)
         self.mtu_history.append((name, int(mtu)))
+
+    def get_mtu(self, name: str) -> int:
+        """The link's MTU: what was set, else 1500 (a fresh TUN's)."""
+        self._call("get_mtu", name)
+        return self.mtu.get(name, 1500)
 
     def set_up(self, name: str) -> None:
         self._call("set_up", name)
@@ -1571,17 +1614,24 @@ class Sim:
 # --- whole devices ---------------------------------------------------------------------------
 
 
-def boot(node: Node, config: Config, **kwargs: Any) -> Device:
+def boot(
+    node: Node,
+    config: Config,
+    *,
+    resolved: dict[tuple[str, int], list[Address] | str] | None = None,
+    **kwargs: Any,
+) -> Device:
     """A ``Device`` on ``node``'s ports, started as the daemon starts it (interface first,
     then peers and descriptors), with ``after_wakeup`` hooked into the node's loop and the
-    reload loader of the real daemon (``reload_config``) unless given."""
+    reload loader of the real daemon (``reload_config``) unless given. ``resolved``: the
+    endpoint names the daemon's start looked up before installing anything."""
     from secureiod.config import reload_config
     from secureiod.daemon.device import Device
 
     kwargs.setdefault("config_loader", reload_config)
     device = Device(config, **node.ports(), **kwargs)
     device.configure_interface()
-    device.start()
+    device.start(resolved)
     node.loop.attach(device.after_wakeup)
     return device
 

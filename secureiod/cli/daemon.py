@@ -247,7 +247,7 @@ def prepare_host(
     would capture our own datagrams, and decide where routes go."""
     iface = config.interface
     names = names or StartLookup()
-    store, leftovers = LedgerFile.open(record_path(iface.control_socket, iface.name))
+    store, leftovers = LedgerFile.open(record_path(iface.control_socket, iface.name), iface.name)
     ledger = Ledger(store, leftovers)
     try:
         undo_leftovers(netlink, leftovers, Resolvectl(), ledger)

@@ -10,11 +10,13 @@ timer is re-armed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
 from ..config import Config
 from ..control import DEFAULT_LIMITS, ControlError
+from ..endpoint import Address
 from ..secureio.demux import Demultiplexer
 from .allowed_ips import AllowedIPs
 from .control import ControlServer
@@ -63,9 +65,13 @@ class Device:
         self.dirty: set[Peer] = set()
         self.router: AllowedIPs[Peer] = AllowedIPs()
         self.demux: Demultiplexer[Peer] = Demultiplexer()
-        self.routes = Routes(netlink, self.ifname, config.interface)
-        batch = BatchSize()
-        self.send = SendPath(tun, udp, self.router, self.dirty, batch)
+        # A persistent TUN someone else made outlives us: what we change on it goes back.
+        # (``preexisted`` is the real adapter's; a port without it is a device we made.)
+        created = not getattr(tun, "preexisted", False)
+        self.routes = Routes(netlink, self.ifname, config.interface, created=created)
+        # One BatchSize per descriptor; the loop's wake-up count tells a queue from a lone packet.
+        wake_count = (lambda: loop.wakeups) if hasattr(loop, "wakeups") else None
+        self.send = SendPath(tun, udp, self.router, self.dirty, BatchSize(wake_count))
         self.offload = OffloadCaps(tun, self.send.write, self.ifname)
         self.lifecycle = Lifecycle(
             config,
@@ -87,7 +93,7 @@ class Device:
             self.demux,
             self.router,
             self.dirty,
-            batch,
+            BatchSize(wake_count),
             on_caps=lambda peer, payload: self.offload.on_caps(peer, payload, self.peers.values()),
             on_event=self.lifecycle.on_event,
         )
@@ -128,11 +134,15 @@ class Device:
         """Addresses, MTU, link up: before privileges are dropped."""
         self.routes.configure_interface()
 
-    def start(self) -> None:
-        """Peers, descriptors and timers; call ``configure_interface`` first."""
+    def start(self, resolved: Mapping[tuple[str, int], list[Address] | str] | None = None) -> None:
+        """Peers, descriptors and timers; call ``configure_interface`` first. ``resolved``:
+        the endpoint names looked up before anything was installed (``resolver.prefetch``),
+        by (host, port)."""
         now = self.clock.monotonic()
         for pc in self.config.peers:
-            self.lifecycle.add_peer(pc, now)
+            ep = pc.endpoint
+            found = resolved.get((ep.host, ep.port)) if resolved and ep is not None else None
+            self.lifecycle.add_peer(pc, now, found)
         self.loop.add_reader(self.tun.fileno(), self.send.on_tun)
         self.loop.add_reader(self.udp.fileno(), self.receive.on_udp)
         if self.control is not None:

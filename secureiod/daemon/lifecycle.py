@@ -1,7 +1,8 @@
 """Peer lifecycle: sessions that start, stay alive, die and come back; endpoints by name.
 
-* a peer with a known endpoint starts its session at once; one without waits for the
-  peer's first datagram (the demultiplexer starts it);
+* a peer with a known endpoint starts its session at once; one without has no session
+  at all (dormant: no keys, no timer) until its first key exchange arrives, then the
+  demultiplexer gets it one from ``_wake`` and starts it;
 * keepalives while established and idle; a session that hears nothing for
   ``dead_after`` seconds, or that closed, is replaced after a short backoff;
 * an endpoint given by a DNS name is resolved off the event loop, retried with backoff
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from operator import itemgetter
 from typing import TYPE_CHECKING, Final
 
 from ..endpoint import Address, format_endpoint, literal_sockaddr
 from ..logs import RateLimitedLog
 from ..resolver import Backoff
-from ..secureio.demux import Demultiplexer
+from ..secureio.demux import Demultiplexer, Dormant, fallback_key_for
 from ..secureio.events import (
     Closed,
     Event,
@@ -37,7 +39,7 @@ from ..secureio.events import (
 )
 from .allowed_ips import AllowedIPs
 from .offload import OffloadCaps
-from .peer import KEEPALIVE_TYPE, NameState, Peer, PeerTiming
+from .peer import KEEPALIVE_TYPE, NameState, Peer, PeerTiming, session_options
 from .pmtu import PathMtu
 from .ports import ClockPort, LoopPort, ResolverPort
 from .routes import Routes
@@ -45,6 +47,7 @@ from .send import SendPath
 
 if TYPE_CHECKING:
     from ..config import Config, PeerConfig
+    from ..secureio.session import Session
 
 logger = logging.getLogger("secureiod.peer")
 
@@ -69,6 +72,9 @@ REFUSALS: Final = (
         "sending unencrypted fragments)",
     ),
 )
+_REFUSAL_COUNTS: Final = itemgetter(*(reason for reason, _ in REFUSALS))
+"""A session's drops -> the count of each refusal reason, in one call."""
+_CLOSED: Final = SessionState.CLOSED
 
 
 class Lifecycle:
@@ -103,6 +109,7 @@ class Lifecycle:
         self.log = RateLimitedLog(logger, interval=LOG_INTERVAL)
         self.pmtu = PathMtu(routes.netlink, loop, send.dirty)
         send.path_limit = self.pmtu.kernel_limit  # EMSGSIZE: what the kernel will send
+        demux.wake = self._wake
 
     # -- peers come and go ---------------------------------------------------------------
 
@@ -122,11 +129,47 @@ class Lifecycle:
             return None
         return literal_sockaddr(pc.endpoint.host, pc.endpoint.port, self.udp_family)
 
-    def add_peer(self, pc: PeerConfig, now: float) -> Peer:
-        """At start: the peer, its routes and its session."""
+    def add_peer(
+        self, pc: PeerConfig, now: float, resolved: list[Address] | str | None = None
+    ) -> Peer:
+        """At start: the peer, its routes and its session. ``resolved`` is what the
+        start's lookup of a DNS-name endpoint found (``resolver.prefetch``, run before
+        any route or rule could capture it): the addresses, used at once, or why not,
+        which starts the retry backoff."""
         peer = self.start_peer(pc, self.endpoint_for(pc), now)
+        ns = peer.name_state
+        if ns is not None and resolved is not None:
+            self._seed_name(peer, ns, resolved, now)
         self.routes.add_peer(peer)
         return peer
+
+    def _seed_name(
+        self, peer: Peer, ns: NameState, resolved: list[Address] | str, now: float
+    ) -> None:
+        name = format_endpoint((ns.host, ns.port))
+        if isinstance(resolved, str):
+            ns.last_error = resolved
+            delay = ns.backoff.next_delay()
+            ns.next_at = now + delay
+            self.log.log(  # the same rate limit as the retries' lines
+                now,
+                (peer.name, "resolve"),
+                logging.WARNING,
+                "peer %s: cannot resolve endpoint %s at start: %s (retrying in %.0f s)",
+                peer.name,
+                name,
+                resolved,
+                delay,
+            )
+            return
+        ns.addresses = tuple(resolved)
+        ns.next_at = now + RERESOLVE_INTERVAL
+        addr = resolved[0]
+        logger.info("peer %s: endpoint %s is %s", peer.name, name, format_endpoint(addr))
+        self.demux.set_endpoint(peer, addr)
+        s = peer.session
+        if s is not None and s.state == SessionState.NEW:
+            s.start(now)
 
     def start_peer(self, pc: PeerConfig, endpoint: Address | None, now: float) -> Peer:
         """The peer and its session, with ``endpoint`` from ``endpoint_for``; its kernel
@@ -143,9 +186,24 @@ class Lifecycle:
             host, port = pc.endpoint.host, pc.endpoint.port
             peer.name_state = NameState(host, port, Backoff(), next_at=now)
         peer._endpoint = endpoint
+        if endpoint is None and peer.name_state is None:
+            # Only its own key exchange can start anything: no session, keys or timer
+            # until then (10,000 such peers cost no start-up crypto and no wake-ups).
+            options = session_options(pc, peer.timing, peer.payload_size_limit)
+            dormant = Dormant(pc.public_key, fallback_key_for(options), peer.payload_size_limit)
+            peer.dormant = True
+            self.demux.add_dormant(peer, dormant)
+            return peer
         self.demux.add(peer, peer.new_session(now, self.clock.wall_ns()))
         self.send.dirty.add(peer)
         return peer
+
+    def _wake(self, peer: Peer, now: float) -> Session:
+        """A dormant peer's first key exchange came: its session, unstarted (the
+        demultiplexer starts it with that datagram)."""
+        session = peer.new_session(now, self.clock.wall_ns())
+        self.send.dirty.add(peer)
+        return session
 
     def remove_peer(self, peer: Peer, now: float, reason: str) -> None:
         """A reload removed or replaced the peer: it and its session stop. Its kernel
@@ -266,8 +324,12 @@ class Lifecycle:
         closed session when due, re-arm its timer."""
         s = peer.session
         if s is not None:
-            self._report_refusals(peer, now)
-            if s.state == SessionState.CLOSED:
+            # This runs for every active peer on every wake-up: look at the refusal
+            # counters in one step, and only walk them when one moved (``seen`` holds
+            # the last count of each reason reported, so the sums differ exactly then).
+            if sum(_REFUSAL_COUNTS(s.stats.drops)) != sum(peer.refusals_seen.values()):
+                self._report_refusals(peer, now)
+            if s.state is _CLOSED:
                 reason = peer.needs_restart(now)
                 if reason is not None:
                     self.restart(peer, now, reason)
