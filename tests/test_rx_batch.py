@@ -27,6 +27,7 @@ from secureiod.secureio.packet import KeyRing, PacketKey, open_python, seal_pyth
 from secureiod.secureio.reassembly import Reassembler, fragment_message
 from secureiod.secureio.replay import ReplayWindow
 from secureiod.secureio.rxbatch import RXBATCH
+from secureiod.secureio.rxbatch import open_run as rxbatch_open_run
 from secureiod.secureio.session import Session, SessionOptions
 from secureiod.udp import UdpSocket
 
@@ -167,6 +168,40 @@ def test_open_run_never_raises_for_data_and_checks_its_arguments() -> None:
         run(b"abc", 1, ((b"short", bytes(24)),), 0)
     with pytest.raises(TypeError):
         run(b"abc", 1, (b"notapair",), 0)
+
+
+@needs_batch
+@pytest.mark.parametrize(
+    ("mask", "error"), [(-1, OverflowError), (1 << 64, OverflowError), ("1", TypeError)]
+)
+def test_open_run_refuses_out_of_range_masks_instead_of_wrapping(
+    mask: object, error: type[Exception]
+) -> None:
+    """As _accel does: -1 must not silently become 0xFFFF_FFFF_FFFF_FFFF."""
+    _, ring = _keys()
+    with pytest.raises(error):
+        RXBATCH.open_run(bytes(100), 50, ring.pairs, mask)  # type: ignore[attr-defined]
+
+
+@needs_batch
+def test_a_run_beyond_the_c_bounds_is_fed_one_by_one_not_raised() -> None:
+    """5 MiB in 2000-byte datagrams passes the session's datagram-count check but not the
+    C function's byte bound: it must be taken datagram by datagram, not raise out of the
+    receive loop."""
+    _, ring = _keys()
+    data = bytes(5 << 20)
+    assert rxbatch_open_run(data, 2000, ring, 0) == list(range(-(-len(data) // 2000)))
+    seen = []
+    for batched in (False, True):
+        s = _session(ID_B, ID_A, 2, ADDR_A)
+        s.start(1000.0)
+        if batched:
+            s.receive_datagram_run(data, 2000, ADDR_A, 1000.0)
+        else:
+            for k in range(0, len(data), 2000):
+                s.receive_datagram(data[k : k + 2000], ADDR_A, 1000.0)
+        seen.append((asdict(s.stats), s.state))
+    assert seen[0] == seen[1]
 
 
 # --- the window and the reassembler in one step ----------------------------------------------
@@ -487,6 +522,86 @@ def test_session_receive_datagram_run_equals_receive_datagram(
     assert results[0] == results[1]
     assert [len(p) for _, p in results[0][0]] == [64000, 30000]
     assert taken == [True] * 4  # each run was one span, taken in one step
+
+
+ADDR_X = ("198.18.1.66", 4444)  # an attacker replaying captured runs from elsewhere
+
+
+def _established() -> tuple[Session, Session]:
+    a = _session(ID_A, ID_B, 1, ADDR_B)
+    b = _session(ID_B, ID_A, 2, ADDR_A)
+    now = 1000.0
+    a.start(now)
+    b.start(now)
+    for _ in range(40):
+        for d, _ in a.datagrams_to_send(now):
+            b.receive_datagram(d, ADDR_A, now)
+        for d, _ in b.datagrams_to_send(now):
+            a.receive_datagram(d, ADDR_B, now)
+        now += 0.05
+        a.handle_timer(now)
+        b.handle_timer(now)
+    assert a.is_established and b.is_established
+    while b.next_event() is not None:
+        pass
+    return a, b
+
+
+# Each attack: runs of A's fragments (f) as (datagrams, source), what B must end up with.
+ATTACKS: dict[str, Any] = {
+    "replayed-run-from-elsewhere": lambda f, c: [(f[:20], ADDR_A), (f[:20], ADDR_X)],
+    "old-and-new-packet-ids-in-one-run": lambda f, c: [(f[:20], ADDR_A), (f[10:30], ADDR_A)],
+    "old-and-new-from-elsewhere": lambda f, c: [(f[:20], ADDR_A), (f[10:30], ADDR_X)],
+    "fresh-run-from-a-new-address": lambda f, c: [(f[:20], ADDR_A), (f[20:], ADDR_X)],
+    "out-of-order-runs": lambda f, c: [(f[20:40], ADDR_A), (f[:20], ADDR_A)],
+    "foreign-datagram-inside-a-run": lambda f, c: [(f[:10] + c + f[10:-1], ADDR_A)],
+}
+
+
+@needs_batch
+@pytest.mark.parametrize("demuxed", [False, True])
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_hostile_runs_end_as_one_by_one(attack: str, demuxed: bool) -> None:
+    """Replays, mixed old/new PacketIDs, a replayed run from another address (which must
+    not move the endpoint), foreign datagrams: a run leaves B exactly as the datagrams one
+    by one do, through the session and through the demultiplexer."""
+    seen = []
+    for batched in (False, True):
+        a, b = _established()
+        stranger = _session(ID_C, ID_B, 3, ADDR_B)
+        stranger.start(1000.0)
+        a.write_message(RW, bytes(range(256)) * 250, 2000.0)
+        frags = [d for d, _ in a.datagrams_to_send(2000.0)]
+        seg = len(frags[0])
+        foreign = [d[:seg].ljust(seg, b"\0") for d, _ in stranger.datagrams_to_send(1000.0)][:1]
+        demux: Demultiplexer[str] = Demultiplexer()
+        demux.add("a", b)
+        steps = []
+        for run, source in ATTACKS[attack](frags, foreign):
+            if batched and demuxed:
+                demux.receive_run(b"".join(run), seg, source, 2000.0)
+            elif batched:
+                b.receive_datagram_run(b"".join(run), seg, source, 2000.0)
+            else:
+                for d in run:
+                    if demuxed:
+                        demux.receive_datagram(d, source, 2000.0)
+                    else:
+                        b.receive_datagram(d, source, 2000.0)
+            events = []
+            while (ev := b.next_event()) is not None:
+                events.append(repr(ev) if not isinstance(ev, MessageReceived) else len(ev.payload))
+            steps.append((events, asdict(b.stats), b.endpoint, b._replay.latest, b._replay._bitmap))
+        seen.append(steps)
+    assert seen[0] == seen[1]
+    # Only fresh (never seen) PacketIDs from elsewhere move the endpoint, replays never.
+    moved = attack in ("fresh-run-from-a-new-address", "old-and-new-from-elsewhere")
+    assert seen[1][-1][2] == (ADDR_X if moved else ADDR_A)
+    assert seen[1][-1][1]["drops"]["replay"] == {
+        "replayed-run-from-elsewhere": 20,
+        "old-and-new-packet-ids-in-one-run": 10,
+        "old-and-new-from-elsewhere": 10,
+    }.get(attack, 0)
 
 
 # --- the socket ------------------------------------------------------------------------------

@@ -110,6 +110,20 @@ class Lifecycle:
         self.pmtu = PathMtu(routes.netlink, loop, send.dirty)
         send.path_limit = self.pmtu.kernel_limit  # EMSGSIZE: what the kernel will send
         demux.wake = self._wake
+        self._settle_pending = False
+
+    def fleet_changed(self, now: float) -> None:
+        """A peer's state changed: the status line and the TUN's offload (both computed over
+        every peer) are brought up to date once, after the callbacks of this wake-up. Done
+        per event, 10,000 peers reconnecting together cost O(peers²): minutes of CPU."""
+        if not self._settle_pending:
+            self._settle_pending = True
+            self.loop.call_at(now, self._settle)
+
+    def _settle(self, now: float) -> None:
+        self._settle_pending = False
+        self.on_status()
+        self.offload.update(self.peers.values())
 
     # -- peers come and go ---------------------------------------------------------------
 
@@ -219,7 +233,7 @@ class Lifecycle:
             peer.timer.cancel()
             peer.timer = peer.timer_at = None
         self.send.dirty.discard(peer)
-        self.offload.update(self.peers.values())
+        self.fleet_changed(now)
 
     def withdraw_routes(self, peer: Peer) -> None:
         """First half of an in-place reload change: the peer leaves the daemon's own
@@ -425,8 +439,7 @@ class Lifecycle:
             if ev.new == SessionState.ESTABLISHED:
                 peer.last_handshake_wall = self.clock.wall_ns() / 1e9
                 self.offload.send_caps(peer, now)
-            self.on_status()
-            self.offload.update(self.peers.values())
+            self.fleet_changed(now)
         elif isinstance(ev, PayloadSizeNegotiated):
             self.routes.apply_payload_size(peer, ev.size, self.peers.values())
             self.pmtu.on_payload_size(peer, ev.size, now)
@@ -443,7 +456,7 @@ class Lifecycle:
             )
             peer.offload.remote_caps = 0
             self.offload.send_caps(peer, now)
-            self.offload.update(self.peers.values())
+            self.fleet_changed(now)
         elif isinstance(ev, Closed):
             self.log.log(
                 now,
@@ -454,4 +467,4 @@ class Lifecycle:
                 ev.reason,
             )
             peer.restart_at = now + peer.timing.restart_backoff
-            self.on_status()
+            self.fleet_changed(now)

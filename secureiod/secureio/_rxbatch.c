@@ -236,10 +236,21 @@ static int joins(const segment_t *prev, const segment_t *s) {
 static PyObject *rx_open_run(PyObject *self, PyObject *args) {
     Py_buffer data;
     Py_ssize_t seg_size;
-    PyObject *keys_obj;
+    PyObject *keys_obj, *o_mask;
     unsigned long long mask;
-    if (!PyArg_ParseTuple(args, "y*nO!K", &data, &seg_size, &PyTuple_Type, &keys_obj, &mask))
+    if (!PyArg_ParseTuple(args, "y*nO!O", &data, &seg_size, &PyTuple_Type, &keys_obj, &o_mask))
         return NULL;
+    /* As _accel: "K" would wrap -1 or 2^64 + x into a different mask without a word. */
+    if (!PyLong_Check(o_mask)) {
+        PyErr_SetString(PyExc_TypeError, "packet_id_mask must be an int");
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    mask = PyLong_AsUnsignedLongLong(o_mask);
+    if (mask == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
     PyObject *out = NULL;
     segment_t *segs = NULL;
     uint8_t *plain = NULL;

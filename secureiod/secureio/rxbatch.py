@@ -34,6 +34,8 @@ RXBATCH: Final = _load()
 MAX_RUN_DATAGRAMS: Final = 4096
 """The C function's bound on one run (UDP GRO coalesces at most 64); longer runs are fed
 one by one."""
+MAX_RUN_BYTES: Final = 4 << 20
+"""The C function's bound on one run's bytes (a GRO read is at most 64 KiB)."""
 
 Group = (
     int | tuple[int, int, int, bytes] | tuple[int, int, int, int, int, int, int, int, bytes, int]
@@ -78,5 +80,13 @@ class RunPlan:
 def open_run(
     data: bytes | bytearray | memoryview, segment_size: int, ring: KeyRing, packet_id_mask: int
 ) -> list[Group]:
-    """The groups of ``data`` (datagrams of ``segment_size`` bytes, the last shorter)."""
+    """The groups of ``data`` (datagrams of ``segment_size`` bytes, the last shorter).
+
+    A run beyond the C function's bounds comes back as "not opened" for every datagram
+    (fed one by one, so counted as usual) instead of raising: the caller's checks are
+    not the only thing standing between a large read and an exception in the loop."""
+    if segment_size > 0 and (
+        len(data) > MAX_RUN_BYTES or -(-len(data) // segment_size) > MAX_RUN_DATAGRAMS
+    ):
+        return list(range(-(-len(data) // segment_size)))
     return RXBATCH.open_run(data, segment_size, ring.pairs, packet_id_mask)  # type: ignore[attr-defined, no-any-return]
