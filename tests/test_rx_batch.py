@@ -20,6 +20,7 @@ import pytest
 from secureiod.secureio import MessageType
 from secureiod.secureio.constants import FRAGMENT_HEADER_SIZE, PACKET_OVERHEAD
 from secureiod.secureio.demux import Demultiplexer
+from secureiod.secureio.errors import AuthenticationError, MalformedError
 from secureiod.secureio.events import MessageReceived
 from secureiod.secureio.identity import Identity
 from secureiod.secureio.keyexchange import KeyExchangeOptions
@@ -64,8 +65,11 @@ def _reference_groups(data: bytes, seg: int, keys: list[PacketKey], mask: int) -
         d = data[start : start + seg]
         try:
             o = open_python(d, keys, mask)
-        except Exception:
-            per.append(i)
+        except MalformedError:
+            per.append((i, 1))
+            continue
+        except AuthenticationError:
+            per.append((i, 2))
             continue
         m = o.messages
         frag = None
@@ -79,7 +83,7 @@ def _reference_groups(data: bytes, seg: int, keys: list[PacketKey], mask: int) -
     k = 0
     while k < len(per):
         g = per[k]
-        if type(g) is int:
+        if len(g) == 2:
             groups.append(g)
             k += 1
             continue
@@ -91,7 +95,7 @@ def _reference_groups(data: bytes, seg: int, keys: list[PacketKey], mask: int) -
         while j < len(per):
             p, q = per[j - 1], per[j]
             if not (
-                type(q) is tuple
+                len(q) == 6
                 and q[4] is not None
                 and q[1] == p[1]
                 and q[2] == p[2] + 1
@@ -156,10 +160,12 @@ def test_open_run_never_raises_for_data_and_checks_its_arguments() -> None:
     _, ring = _keys()
     run = RXBATCH.open_run  # type: ignore[attr-defined]
     assert run(b"", 100, ring.pairs, 0) == []
-    assert run(b"x", 1, ring.pairs, 0) == [0]
-    assert run(bytes(1000), 1, ring.pairs, 0) == list(range(1000))
-    assert run(bytes(100), 1 << 40, ring.pairs, 0) == [0]
-    assert run(bytearray(300), 44, (), 0) == list(range(7))
+    # (i, 1): malformed (too short, PacketID 0); (i, 2) would be a tag no key verifies.
+    assert run(b"x", 1, ring.pairs, 0) == [(0, 1)]
+    assert run(bytes(1000), 1, ring.pairs, 0) == [(i, 1) for i in range(1000)]
+    assert run(bytes(100), 1 << 40, ring.pairs, 0) == [(0, 1)]
+    assert run(bytearray(300), 44, (), 0) == [(i, 1) for i in range(7)]
+    assert run(b"\x01" + bytes(99), 100, ring.pairs, 0) == [(0, 2)]
     with pytest.raises(ValueError):
         run(b"abc", 0, ring.pairs, 0)
     with pytest.raises(ValueError):
@@ -654,3 +660,47 @@ def test_switches_select_the_old_path() -> None:
             timeout=60,
         ).stdout
         assert out.strip() == "True"
+
+
+@needs_batch
+def test_junk_in_a_run_is_counted_without_being_decrypted_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Equal-size junk spoofed from a peer's address is coalesced by GRO into one run: the
+    C call already tried every key, so the session counts each datagram from its answer
+    instead of opening it a second time (a spoofer must not double our decryption work)."""
+    import secureiod.secureio.session as session_module
+
+    _, b = _established()
+    demux: Demultiplexer[str] = Demultiplexer()
+    demux.add("a", b)
+    opened_again: list[int] = []
+    real_open_ring = session_module.open_ring
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        opened_again.append(1)
+        return real_open_ring(*args, **kwargs)
+
+    monkeypatch.setattr(session_module, "open_ring", counting)
+    junk = bytes(random.Random(5).randbytes(1445 * 64))
+    auth_before = b.stats.drops["auth"]
+    malformed_before = b.stats.drops["malformed"]
+    assert demux.receive_run(junk, 1445, ADDR_A, 2000.0) == ["a"]
+    assert opened_again == []
+    assert b.stats.drops["auth"] - auth_before == 64
+    assert b.stats.drops["malformed"] == malformed_before
+    assert b.consecutive_decrypt_failures >= 64
+
+
+@pytest.mark.parametrize("segment_size", [0, -5])
+def test_a_run_with_a_nonsense_segment_size_is_one_datagram_counted(segment_size: int) -> None:
+    """Not reachable from the socket (a GRO size is at least 1), but a bad argument must be
+    counted like any undecryptable datagram, never raise in the loop or vanish uncounted."""
+    _, b = _established()
+    before = b.stats.drops["malformed"] + b.stats.drops["auth"]
+    b.receive_datagram_run(bytes(300), segment_size, ADDR_A, 2000.0)
+    assert b.stats.drops["malformed"] + b.stats.drops["auth"] - before == 1
+    demux: Demultiplexer[str] = Demultiplexer()
+    demux.add("a", b)
+    demux.receive_run(bytes(300), segment_size, ADDR_A, 2000.0)
+    assert b.stats.drops["malformed"] + b.stats.drops["auth"] - before == 2

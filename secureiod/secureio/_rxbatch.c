@@ -289,7 +289,9 @@ static PyObject *rx_open_run(PyObject *self, PyObject *args) {
         segment_t *s = &segs[i];
         PyObject *group;
         if (s->status != 0) {
-            group = PyLong_FromSsize_t(i);
+            /* (i, 1): malformed (short, PacketID 0, Length disagrees); (i, 2): no key's tag
+             * verifies. The session counts it from this, without opening it again. */
+            group = Py_BuildValue("(ni)", i, (s->status == 1 || s->status == 4) ? 1 : 2);
             i++;
         } else if (!s->fragment) {
             group = Py_BuildValue(

@@ -272,8 +272,9 @@ class Demultiplexer(Generic[T]):
             plan = session.open_run(data, segment_size)
         owners: list[T] = []
         if plan is None:
-            for start in range(0, len(data) or 1, segment_size):
-                fed = self.receive_datagram(data[start : start + segment_size], addr, now)
+            step = segment_size if segment_size > 0 else len(data) or 1  # (never 0 or less)
+            for start in range(0, len(data) or 1, step):
+                fed = self.receive_datagram(data[start : start + step], addr, now)
                 if fed is not None and fed not in owners:
                     owners.append(fed)
             return owners
@@ -285,12 +286,12 @@ class Demultiplexer(Generic[T]):
                 if session.receive_group(plan, group, addr, now):
                     if (
                         type(group) is tuple
-                        and len(group) == 4
+                        and len(group) in (2, 4)
                         and stats.rx_packets == received
                         and session.consecutive_decrypt_failures
                     ):
-                        # Opened but refused (a replay) after failures: as in
-                        # receive_datagram, look for a better owner.
+                        # Not opened, or opened but refused (a replay) after failures:
+                        # as in receive_datagram, look for a better owner.
                         fed = self._reconsider(owner, key, plan.datagram(group[0]), addr, now)  # type: ignore[arg-type]
                         if fed not in owners:
                             owners.append(fed)

@@ -37,13 +37,22 @@ one by one."""
 MAX_RUN_BYTES: Final = 4 << 20
 """The C function's bound on one run's bytes (a GRO read is at most 64 KiB)."""
 
+NOT_OPENED_MALFORMED: Final = 1
+NOT_OPENED_AUTH: Final = 2
+
 Group = (
-    int | tuple[int, int, int, bytes] | tuple[int, int, int, int, int, int, int, int, bytes, int]
+    int
+    | tuple[int, int]
+    | tuple[int, int, int, bytes]
+    | tuple[int, int, int, int, int, int, int, int, bytes, int]
 )
 """One entry of ``RunPlan.groups``, in datagram order:
 
-* ``i``: datagram ``i`` did not open under the session's keys (fed the usual way, so it
-  is counted, and a demultiplexer may look for another owner);
+* ``i``: datagram ``i`` was not tried (a run beyond the C bounds): fed the usual way;
+* ``(i, why)``: datagram ``i`` did not open under the session's keys, ``why`` is
+  ``NOT_OPENED_MALFORMED`` or ``NOT_OPENED_AUTH`` (what ``open_packet`` would raise): the
+  session counts it without decrypting it again, and a demultiplexer may look for
+  another owner;
 * ``(i, key_index, packet_id, messages)``: datagram ``i`` opened, ``messages`` is its
   plaintext message area;
 * ``(i, count, key_index, first_packet_id, type, chain_id, total, start, chunks,
@@ -73,7 +82,7 @@ class RunPlan:
         if type(group) is int:
             return [self.datagram(group)]
         first = group[0]  # type: ignore[index]
-        count = 1 if len(group) == 4 else group[1]  # type: ignore[arg-type, index]
+        count = 1 if len(group) in (2, 4) else group[1]  # type: ignore[arg-type, index]
         return [self.datagram(i) for i in range(first, first + count)]
 
 

@@ -85,7 +85,7 @@ from .path import Address, same_path
 from .pmtu import PathMtuOptions, PathMtuStats, PathProber
 from .reassembly import Reassembler, fragment_message
 from .replay import ReplayWindow
-from .rxbatch import MAX_RUN_DATAGRAMS, RXBATCH, Group, RunPlan, open_run
+from .rxbatch import MAX_RUN_DATAGRAMS, NOT_OPENED_MALFORMED, RXBATCH, Group, RunPlan, open_run
 from .wire import MESSAGE_HEADER, MessageType, SessionID, iter_messages
 
 _KX: Final = MessageType.KEY_EXCHANGE
@@ -449,8 +449,9 @@ class Session:
         uses ``open_run`` and ``receive_group`` instead, to keep its say per datagram."""
         plan = self.open_run(data, segment_size)
         if plan is None:
-            for start in range(0, len(data) or 1, segment_size):
-                self.receive_datagram(data[start : start + segment_size], addr, now)
+            step = segment_size if segment_size > 0 else len(data) or 1  # (never 0 or less)
+            for start in range(0, len(data) or 1, step):
+                self.receive_datagram(data[start : start + step], addr, now)
             return
         for group in plan.groups:
             if not self.receive_group(plan, group, addr, now):
@@ -487,7 +488,12 @@ class Session:
             or self.state in (SessionState.NEW, SessionState.CLOSED)
         ):
             return False
-        if len(group) == 4:  # type: ignore[arg-type]
+        n = len(group)  # type: ignore[arg-type]
+        if n == 2:  # did not open under these keys: counted as receive_datagram would
+            malformed = group[1] == NOT_OPENED_MALFORMED  # type: ignore[index]
+            self._decrypt_failed(DropReason.MALFORMED if malformed else DropReason.AUTH, now)
+            return True
+        if n == 4:
             i, index, pid, messages = group  # type: ignore[misc]
             size = min(plan.segment_size, len(plan.data) - i * plan.segment_size)
             self._receive_opened(pid, index, messages, size, addr, now)
