@@ -11,6 +11,7 @@ setup(
         Extension(
             "secureiod.secureio._accel",
             ["secureiod/secureio/_accel.c"],
+            depends=["secureiod/secureio/_construction.h"],
             libraries=["sodium"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
@@ -18,6 +19,7 @@ setup(
         Extension(
             "secureiod.secureio._rxbatch",
             ["secureiod/secureio/_rxbatch.c"],
+            depends=["secureiod/secureio/_construction.h"],
             libraries=["sodium"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
