@@ -207,6 +207,9 @@ class SimLoop:
         self.running = True
         """False after ``stop``: the daemon's ``run`` would have returned; Sim skips it."""
         self.wakeups = 0
+        self.callback_failures = 0
+        """As ``EventLoop.callback_failures``; the sim lets a callback's exception through
+        (a test should see it), so only a test sets it."""
 
     # -- descriptors of fakes ------------------------------------------------------------
 

@@ -323,10 +323,10 @@ def test_control_requests_are_counted(ab: Tunnel, short_dir: Path) -> None:
     thread = threading.Thread(target=run_sim, daemon=True)
     thread.start()
     try:
-        request(short_dir / "a.sock", "metrics", timeout=5)
+        request(short_dir / "a.sock", "metrics", timeout=20)
         with pytest.raises(ControlError, match="unknown command"):
-            request(short_dir / "a.sock", "nonsense", timeout=5)
-        text = request(short_dir / "a.sock", "metrics", timeout=5)
+            request(short_dir / "a.sock", "nonsense", timeout=20)
+        text = request(short_dir / "a.sock", "metrics", timeout=20)
     finally:
         served.set()
         thread.join(5)

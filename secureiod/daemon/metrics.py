@@ -190,6 +190,60 @@ SPECS: Final = (
         "identifying them (signature checks, trial decryption) was spent.",
     ),
     _spec(
+        "secureiod_identify_bad_length_datagrams_total",
+        "counter",
+        "Datagrams from unknown addresses of a length no secureio packet has: dropped before "
+        "any work, without spending the identification budget (also counted in "
+        "secureiod_unknown_source_datagrams_total).",
+    ),
+    _spec(
+        "secureiod_identify_key_checks_total",
+        "counter",
+        "Cheap checks spent identifying datagrams from unknown addresses: fallback keys a "
+        "key-exchange-sized datagram was opened with, sessions a trial decryption tried.",
+    ),
+    _spec(
+        "secureiod_identify_signature_checks_total",
+        "counter",
+        "Ed25519 checks of key exchanges from unknown addresses (the costly part of "
+        "identifying; only for datagrams that passed the cheap checks).",
+    ),
+    _spec(
+        "secureiod_identified_datagrams_total",
+        "counter",
+        "Datagrams from unknown addresses whose peer was found, by method: key-exchange (a "
+        "key exchange signed by the peer), trial-decryption (the peer's session opened it).",
+        (*IFACE, "method"),
+    ),
+    _spec(
+        "secureiod_address_reassignments_total",
+        "counter",
+        "Datagrams from a known address that its peer's session could not open and another "
+        "peer's could (e.g. a NAT gave the address to another peer).",
+    ),
+    _spec(
+        "secureiod_path_takeovers_total",
+        "counter",
+        "Addresses mapped to one peer that another peer validated: the address now maps to "
+        "the new one; the other takes it back with its next authentic datagram from there.",
+    ),
+    _spec(
+        "secureiod_dormant_peers_woken_total",
+        "counter",
+        "Peers without an endpoint that got their session: a key exchange signed by their "
+        "key arrived.",
+    ),
+    _spec(
+        "secureiod_loop_wakeups_total",
+        "counter",
+        "Returns of the event loop from epoll_wait (what idling and small batches cost).",
+    ),
+    _spec(
+        "secureiod_loop_callback_failures_total",
+        "counter",
+        "Event loop callbacks that raised: each logged (rate-limited) and survived; a bug.",
+    ),
+    _spec(
         "secureiod_udp_rx_datagrams_total",
         "counter",
         "Datagrams received on the UDP socket.",
@@ -331,6 +385,20 @@ SPECS: Final = (
         PEER,
     ),
     _spec(
+        "secureiod_peer_session_rx_kx_duplicates_total",
+        "counter",
+        "Key exchanges signed by the peer that carried a key the session already had (its "
+        "retries, or replays): answered, they move nothing." + _PER_SESSION,
+        PEER,
+    ),
+    _spec(
+        "secureiod_peer_session_rx_kx_restored_total",
+        "counter",
+        "Key exchanges that took the peer's previous key back (a newer key never used while "
+        "the previous one still was: an old key replayed); they move nothing." + _PER_SESSION,
+        PEER,
+    ),
+    _spec(
         "secureiod_peer_session_state",
         "gauge",
         "1 for the state the peer's session is in, 0 for the others.",
@@ -459,6 +527,24 @@ class DeviceCollector:
         demux = d.demux.stats
         add("secureiod_unknown_source_datagrams_total", iface, demux.unknown_source)
         add("secureiod_identify_rate_limited_datagrams_total", iface, demux.rate_limited)
+        add("secureiod_identify_bad_length_datagrams_total", iface, demux.bad_size)
+        add("secureiod_identify_key_checks_total", iface, demux.key_checks)
+        add("secureiod_identify_signature_checks_total", iface, demux.signature_checks)
+        for method, value in (
+            ("key-exchange", demux.identified_kx),
+            ("trial-decryption", demux.identified_trial),
+        ):
+            add("secureiod_identified_datagrams_total", (*iface, method), value)
+        add("secureiod_address_reassignments_total", iface, demux.reassigned)
+        add("secureiod_path_takeovers_total", iface, demux.path_takeovers)
+        add("secureiod_dormant_peers_woken_total", iface, demux.woken)
+        loop = d.loop  # a port may not count (LoopPort does not require it): then left out
+        wakeups = getattr(loop, "wakeups", None)
+        if wakeups is not None:
+            add("secureiod_loop_wakeups_total", iface, wakeups)
+        failures = getattr(loop, "callback_failures", None)
+        if failures is not None:
+            add("secureiod_loop_callback_failures_total", iface, failures)
         u = udp.stats
         add("secureiod_udp_rx_datagrams_total", iface, u.rx_datagrams)
         add("secureiod_udp_tx_datagrams_total", iface, u.tx_datagrams)
@@ -551,6 +637,8 @@ class DeviceCollector:
         add("secureiod_peer_session_rx_bytes_total", labels, st.rx_bytes)
         add("secureiod_peer_session_tx_datagrams_total", labels, st.tx_packets)
         add("secureiod_peer_session_tx_bytes_total", labels, st.tx_bytes)
+        add("secureiod_peer_session_rx_kx_duplicates_total", labels, st.rx_kx_duplicates)
+        add("secureiod_peer_session_rx_kx_restored_total", labels, st.rx_kx_restored)
         local, remote = s.key_rotations
         add("secureiod_peer_handshakes_total", labels, remote)
         add("secureiod_peer_key_rotations_total", labels, local)

@@ -295,4 +295,5 @@ class Peer:
             info["wire_rx_packets"] = s.stats.rx_packets
             info["wire_tx_packets"] = s.stats.tx_packets
             info["wire_rx_kx_duplicates"] = s.stats.rx_kx_duplicates
+            info["wire_rx_kx_restored"] = s.stats.rx_kx_restored
         return info

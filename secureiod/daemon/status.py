@@ -46,6 +46,12 @@ def device_status(device: Device, now: float) -> dict[str, Any]:
         "no_route": device.send.no_route,
         "unknown_source": demux.unknown_source,
         "identify_rate_limited": demux.rate_limited,
+        "demux": dataclasses.asdict(demux),
+        "loop": {
+            # a port need not count these (LoopPort does not require them): None then
+            "wakeups": getattr(device.loop, "wakeups", None),
+            "callback_failures": getattr(device.loop, "callback_failures", None),
+        },
         "roamed": sum(p.counters.roams for p in peers),
         "tun_write_errors": device.receive.tun_write_errors,
         "reloads": device.reloader.reloads,
