@@ -294,31 +294,20 @@ class UdpSocket:
         batch; the next readiness notification continues. With GRO one read may carry a
         run of datagrams of one sender, split here at the segment size the kernel reports.
         """
-        if self.gro:
-            return self._recv_batch_gro(max_count)
-        sock = self._sock
-        view = self._view
-        stats = self.stats
         out: list[tuple[bytes, Address]] = []
-        for _ in range(max_count):
-            try:
-                size, addr = sock.recvfrom_into(self._buffer)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                stats.rx_errors += 1
-                self._note_error("receive", exc)
-                break
-            stats.rx_datagrams += 1
-            stats.rx_bytes += size
-            out.append((bytes(view[:size]), addr))
+        for data, segment, addr in self.recv_runs(max_count):
+            if segment >= len(data):
+                out.append((data, addr))
+            else:
+                out.extend((data[i : i + segment], addr) for i in range(0, len(data), segment))
         return out
 
     def recv_runs(self, max_count: int = 64) -> list[tuple[bytes, int, Address]]:
         """``recv_batch`` as runs: each read as ``(data, segment_size, addr)``, its datagrams
         ``segment_size`` bytes back to back in ``data`` (the last may be shorter), one
         copy per read instead of one per datagram. Without GRO every run is one datagram
-        (``segment_size == len(data)``). Same counters as ``recv_batch``."""
+        (``segment_size == len(data)``). The one place the socket is read (``recv_batch``
+        cuts these runs); its counters count datagrams, not reads."""
         sock = self._sock
         view = self._view
         buffers = [self._buffer]
@@ -347,35 +336,6 @@ class UdpSocket:
             stats.rx_bytes += size
             stats.rx_datagrams += -(-size // segment) if size else 1
             out.append((bytes(view[:size]), segment or 1, addr))
-        return out
-
-    def _recv_batch_gro(self, max_count: int) -> list[tuple[bytes, Address]]:
-        sock = self._sock
-        view = self._view
-        buffers = [self._buffer]
-        stats = self.stats
-        out: list[tuple[bytes, Address]] = []
-        for _ in range(max_count):
-            try:
-                size, ancdata, _flags, addr = sock.recvmsg_into(buffers, _CMSG_SPACE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                stats.rx_errors += 1
-                self._note_error("receive", exc)
-                break
-            segment = size
-            for level, kind, data in ancdata:
-                if level == _SOL_UDP and kind == _UDP_GRO and len(data) >= 4:
-                    segment = _GRO_SIZE.unpack_from(data)[0] or size
-            stats.rx_bytes += size
-            if segment >= size:
-                stats.rx_datagrams += 1
-                out.append((bytes(view[:size]), addr))
-                continue
-            for start in range(0, size, segment):
-                stats.rx_datagrams += 1
-                out.append((bytes(view[start : min(start + segment, size)]), addr))
         return out
 
     def send_batch(

@@ -480,23 +480,6 @@ def test_session_receive_datagram_run_equals_receive_datagram(
     """The session's own run method (no demultiplexer), including a run that completes a
     chain and one that extends a partial one."""
 
-    def pair() -> tuple[Session, Session]:
-        a = _session(ID_A, ID_B, 1, ADDR_B)
-        b = _session(ID_B, ID_A, 2, endpoint)
-        now = 1000.0
-        a.start(now)
-        b.start(now)
-        for _ in range(40):
-            for d, _ in a.datagrams_to_send(now):
-                b.receive_datagram(d, endpoint, now)
-            for d, _ in b.datagrams_to_send(now):
-                a.receive_datagram(d, ADDR_B, now)
-            now += 0.05
-            a.handle_timer(now)
-            b.handle_timer(now)
-        assert a.is_established and b.is_established
-        return a, b
-
     taken: list[bool] = []
     real = Session._receive_span
     monkeypatch.setattr(
@@ -504,9 +487,7 @@ def test_session_receive_datagram_run_equals_receive_datagram(
     )
     results = []
     for batched in (False, True):
-        a, b = pair()
-        while b.next_event() is not None:
-            pass
+        a, b = _established(endpoint)
         payload = bytes(range(256)) * 250
         a.write_message(RW, payload, 2000.0)
         first = [d for d, _ in a.datagrams_to_send(2000.0)]
@@ -533,15 +514,16 @@ def test_session_receive_datagram_run_equals_receive_datagram(
 ADDR_X = ("198.18.1.66", 4444)  # an attacker replaying captured runs from elsewhere
 
 
-def _established() -> tuple[Session, Session]:
+def _established(endpoint: Any = ADDR_A) -> tuple[Session, Session]:
+    """A and B established, B knowing A at ``endpoint``, B's events drained."""
     a = _session(ID_A, ID_B, 1, ADDR_B)
-    b = _session(ID_B, ID_A, 2, ADDR_A)
+    b = _session(ID_B, ID_A, 2, endpoint)
     now = 1000.0
     a.start(now)
     b.start(now)
     for _ in range(40):
         for d, _ in a.datagrams_to_send(now):
-            b.receive_datagram(d, ADDR_A, now)
+            b.receive_datagram(d, endpoint, now)
         for d, _ in b.datagrams_to_send(now):
             a.receive_datagram(d, ADDR_B, now)
         now += 0.05

@@ -23,7 +23,6 @@ import pytest
 from fakes import Tunnel, ipv4, two_sites
 from test_session import established, make_pair
 
-from secureiod.daemon import send as send_module
 from secureiod.secureio import MessageType, packet
 from secureiod.secureio.constants import FRAGMENT_HEADER_SIZE, PACKET_OVERHEAD
 from secureiod.secureio.datagram_run import DatagramRun
@@ -350,7 +349,6 @@ def test_a_tso_segment_leaves_as_one_run_and_arrives_whole(
     socket one run (``send_run``) and nothing one by one; without it (``SECUREIOD_NO_TX_
     BATCH``) the same number of datagrams goes through ``send_batch``. B writes the
     segment to its TUN unchanged either way."""
-    monkeypatch.setattr(send_module, "BATCH_SEAL", batch and packet.BATCH_SEAL)
     tunnel = Tunnel(two_sites(tmp_path), vnet_hdr=["a", "b"])
     tunnel.wait_established(timeout=5)
     tunnel.sim.run_for(0.1)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Final
 
 from ..secureio.errors import PayloadTooBigError, SecureioError
-from ..secureio.packet import BATCH_SEAL
 from ..secureio.session import QueueFullError, SessionClosedError
 from ..udp import SendResult
 from .allowed_ips import AllowedIPs
@@ -173,13 +172,11 @@ class SendPath:
 
         A fragmented message comes as one run already in the GSO layout and goes out
         with ``send_run`` (no join); runs of lone datagrams go together to ``send_batch``,
-        which groups equal sizes as before. ``SECUREIOD_NO_TX_BATCH=1`` (or
-        ``SECUREIOD_NO_BATCH=1``) keeps the old path (``transmit_datagrams``) to compare."""
+        which groups equal sizes. With ``SECUREIOD_NO_TX_BATCH=1`` (or
+        ``SECUREIOD_NO_BATCH=1``) the session seals fragments one by one, so every run is
+        a lone datagram and all of them take ``send_batch``, as before batch sealing."""
         s = peer.session
         if s is None:
-            return
-        if not BATCH_SEAL:
-            self.transmit_datagrams(peer, now)
             return
         udp = self.udp
         for _ in range(MAX_TOO_BIG_ROUNDS):
@@ -215,24 +212,3 @@ class SendPath:
                 s.report_too_big(size, now, datagram=datagram, path_limit=limit)
             else:
                 peer.counters.drops["send-failed"] += 1
-
-    def transmit_datagrams(self, peer: Peer, now: float) -> None:
-        """``transmit`` with one bytes object per datagram (the path before batch sealing,
-        kept for ``SECUREIOD_NO_TX_BATCH=1``)."""
-        s = peer.session
-        if s is None:
-            return
-        send_batch = self.udp.send_batch
-        for _ in range(MAX_TOO_BIG_ROUNDS):
-            out = s.datagrams_to_send(now)
-            if not out:
-                return
-            n = len(out)
-            i = 0
-            while i < n:
-                addr = out[i][1]
-                j = i + 1
-                while j < n and out[j][1] == addr:
-                    j += 1
-                self._failed(peer, send_batch([d for d, _ in out[i:j]], addr), addr, now)
-                i = j

@@ -48,6 +48,7 @@ from .keys import PskKeys
 from .kx_message import KeyExchangeMessage
 from .packet import PacketKey, open_packet
 from .path import Address, PathKey, path_key, same_path
+from .rxbatch import split_run
 from .session import Session, SessionOptions
 from .wire import MessageType, iter_messages
 
@@ -272,9 +273,8 @@ class Demultiplexer(Generic[T]):
             plan = session.open_run(data, segment_size)
         owners: list[T] = []
         if plan is None:
-            step = segment_size if segment_size > 0 else len(data) or 1  # (never 0 or less)
-            for start in range(0, len(data) or 1, step):
-                fed = self.receive_datagram(data[start : start + step], addr, now)
+            for datagram in split_run(data, segment_size):
+                fed = self.receive_datagram(datagram, addr, now)
                 if fed is not None and fed not in owners:
                     owners.append(fed)
             return owners

@@ -62,6 +62,16 @@ Group = (
 """
 
 
+def split_run(
+    data: bytes | bytearray | memoryview, segment_size: int
+) -> list[bytes | bytearray | memoryview]:
+    """The datagrams of a run, to feed one by one: ``segment_size`` bytes each, the last
+    shorter. A nonsense ``segment_size`` (0 or less) makes the whole run one datagram, so
+    it is still counted, never an exception in the loop; an empty run is one empty one."""
+    step = segment_size if segment_size > 0 else len(data) or 1
+    return [data[start : start + step] for start in range(0, len(data) or 1, step)]
+
+
 @dataclass(frozen=True, slots=True)
 class RunPlan:
     """A run opened under the keys the session had: ``keys_version`` tells whether they

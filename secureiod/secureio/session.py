@@ -85,7 +85,15 @@ from .path import Address, same_path
 from .pmtu import PathMtuOptions, PathMtuStats, PathProber
 from .reassembly import Reassembler, fragment_message
 from .replay import ReplayWindow
-from .rxbatch import MAX_RUN_DATAGRAMS, NOT_OPENED_MALFORMED, RXBATCH, Group, RunPlan, open_run
+from .rxbatch import (
+    MAX_RUN_DATAGRAMS,
+    NOT_OPENED_MALFORMED,
+    RXBATCH,
+    Group,
+    RunPlan,
+    open_run,
+    split_run,
+)
 from .wire import MESSAGE_HEADER, MessageType, SessionID, iter_messages
 
 _KX: Final = MessageType.KEY_EXCHANGE
@@ -449,9 +457,8 @@ class Session:
         uses ``open_run`` and ``receive_group`` instead, to keep its say per datagram."""
         plan = self.open_run(data, segment_size)
         if plan is None:
-            step = segment_size if segment_size > 0 else len(data) or 1  # (never 0 or less)
-            for start in range(0, len(data) or 1, step):
-                self.receive_datagram(data[start : start + step], addr, now)
+            for datagram in split_run(data, segment_size):
+                self.receive_datagram(datagram, addr, now)
             return
         for group in plan.groups:
             if not self.receive_group(plan, group, addr, now):
