@@ -701,22 +701,11 @@ class Session:
         the datagrams are dropped and counted (``no-endpoint``): a peer that has not made
         contact yet cannot be reached, and holding them would only grow memory.
         """
-        deadline = self._batch_deadline
-        if deadline is not None and now >= deadline:
-            self._flush_batch(now)
-        out = self._take_out()
-        if not out:
-            return []
-        endpoint = self._endpoint
-        result: list[tuple[bytes, Address]] = []
-        for item in out:
-            if type(item) is bytes:
-                result.append((item, endpoint))  # type: ignore[arg-type]
-            else:
-                buffer, count, segment = item
-                run = DatagramRun(buffer, segment, count, endpoint)  # type: ignore[arg-type]
-                result.extend((d, endpoint) for d in run.datagrams())  # type: ignore[misc]
-        return result
+        return [
+            (datagram, run.address)
+            for run in self.datagram_runs_to_send(now)
+            for datagram in run.datagrams()
+        ]
 
     def datagram_runs_to_send(self, now: float) -> list[DatagramRun]:
         """``datagrams_to_send`` in the batch form: the same datagrams in the same order,
