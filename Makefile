@@ -12,7 +12,7 @@ LINT_DIRS := $(wildcard secureiod tests bench netns-tests)
 TEST_DIRS := $(foreach d,tests netns-tests packaging/tests,\
                $(if $(shell find $(d) -name 'test_*.py' -print -quit 2>/dev/null),$(d)))
 
-.PHONY: help bootstrap venv test lint fmt bench-protocol bench-crypto demo netns-test clean distclean
+.PHONY: help bootstrap venv test lint fmt bench-protocol bench-crypto bench-crossover demo netns-test clean distclean
 
 help:
 	@echo "make demo            tunnel between two network namespaces (needs root)"
@@ -25,6 +25,7 @@ help:
 	@echo "make bench           tunnels compared: secureiod, wireguard-go, tinc, Nebula (root)"
 	@echo "make bench-protocol  protocol benchmark"
 	@echo "make bench-crypto    crypto backend benchmark"
+	@echo "make bench-crossover libsodium vs OpenSSL per call, by size (C)"
 	@echo "make venv            only bootstrap (apt packages, .venv)"
 	@echo "make clean           remove caches; distclean also removes .venv"
 
@@ -50,6 +51,11 @@ bench-protocol: bootstrap
 
 bench-crypto: bootstrap
 	$(VPY) bench/crypto_routes.py
+
+bench-crossover: bootstrap
+	mkdir -p bench/build
+	gcc -O2 -Wall -Wextra -o bench/build/crypto_crossover bench/crypto_crossover.c -lsodium -lcrypto
+	bench/build/crypto_crossover
 
 # `make bench` compares tunnels, so it alone needs tinc, Nebula, WireGuard (wg, and Debian's
 # wireguard-go as the fallback: a build first on PATH wins, and the run prints its version)

@@ -1,7 +1,8 @@
 """Build the optional C accelerator; everything else is in pyproject.toml.
 
-The extension is ``optional``: where libsodium's headers or a compiler are missing the
-install still succeeds and ``secureiod.secureio.packet`` uses its pure-Python path.
+The extension is ``optional``: where libsodium's or OpenSSL's headers (libsodium-dev,
+libssl-dev) or a compiler are missing the install still succeeds and
+``secureiod.secureio.packet`` uses its pure-Python path.
 """
 
 from setuptools import Extension, setup
@@ -12,7 +13,7 @@ setup(
             "secureiod.secureio._accel",
             ["secureiod/secureio/_accel.c"],
             depends=["secureiod/secureio/_construction.h"],
-            libraries=["sodium"],
+            libraries=["sodium", "crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         ),
@@ -20,7 +21,7 @@ setup(
             "secureiod.secureio._rxbatch",
             ["secureiod/secureio/_rxbatch.c"],
             depends=["secureiod/secureio/_construction.h"],
-            libraries=["sodium"],
+            libraries=["sodium", "crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         ),

@@ -14,6 +14,7 @@ set -euo pipefail
 # with the command that needs the package:
 #   the venv and the C accelerator     python3-venv python3-dev python3-pip gcc pkg-config
 #                                      libsystemd-dev libsodium23 libsodium-dev
+#                                      libssl3 libssl-dev
 #   netns-tests, tests, make demo      ip ss (iproute2), iperf3, nft (nftables), sysctl
 #                                      kill (procps), ping (iputils-ping), modprobe (kmod),
 #                                      ssh-keygen (openssh-client), unshare nsenter
@@ -27,7 +28,7 @@ set -euo pipefail
 #                                      starting and left disabled: a test tool must not
 #                                      leave a listener on :9090 behind)
 APT_PACKAGES="python3-venv python3-dev python3-pip gcc pkg-config libsystemd-dev
-libsodium23 libsodium-dev
+libsodium23 libsodium-dev libssl3 libssl-dev
 iproute2 iperf3 nftables procps iputils-ping kmod openssh-client util-linux mount
 dpkg dpkg-dev binutils
 debootstrap systemd-container systemd lintian ca-certificates prometheus"

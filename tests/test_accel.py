@@ -11,6 +11,8 @@ import os
 import random
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,124 @@ def test_out_of_range_integers_are_refused_not_wrapped(value: int) -> None:
         accel.seal(None, seed, 1, b"x", value)  # type: ignore[attr-defined]
     with pytest.raises(OverflowError):
         accel.open(bytes(64), ((None, seed),), value)  # type: ignore[attr-defined]
+
+
+# --- OpenSSL for long inputs, libsodium for short: one ChaCha20, one Poly1305 -------------
+# _construction.h picks the library by input length (crossovers 128 B for ChaCha20, 192 B
+# for Poly1305 within a run of fragments; 1024 B and 384 B in a one-packet call). Every
+# length around those, and streams ending around every 64-byte block boundary, must give
+# the reference's bytes and rejections.
+
+CROSSOVERS = (128, 192, 384, 1024)
+
+
+def _boundary_sizes() -> list[int]:
+    """Message-area lengths n putting each primitive on both sides of each crossover: the
+    messages tag covers n bytes, the sealing stream 36 + n, the opening stream (from the
+    second block on) n - 28; and streams ending at every offset around 64-byte blocks."""
+    sizes = set(range(0, 260))
+    for base in CROSSOVERS:
+        for d in range(-3, 4):
+            sizes |= {base + d, base - 36 + d, base + 28 + d}
+    for k in range(1, 40):
+        for d in (-1, 0, 1):
+            sizes |= {64 * k + d, 64 * k - 36 + d, 64 * k + 28 + d}
+    sizes |= {1400, 1437, 1441, 4095, 8009, 9000, 65535, 70001}
+    return sorted(s for s in sizes if s >= 0)
+
+
+def _keys3(rng: random.Random) -> list[PacketKey]:
+    return [
+        PacketKey.session(rng.randbytes(32), rng.randbytes(16)),
+        PacketKey.aux(rng.randbytes(32)),
+        PacketKey.clear(),
+    ]
+
+
+def test_every_length_around_the_crossovers_seals_and_opens_as_the_reference() -> None:
+    rng = random.Random(11)
+    keys = _keys3(rng)
+    for size in _boundary_sizes():
+        for key_index, key in enumerate(keys):
+            pid = rng.randint(1, 2**64 - 1)
+            mask = rng.choice([0, rng.getrandbits(64)])
+            msg = rng.randbytes(size)
+            sealed = seal_python(key, pid, msg, mask)
+            assert packet.seal(key, pid, msg, mask) == sealed, (size, key_index)
+            # the right key last: the wrong ones are tried (and refused) first
+            candidates = [k for k in keys if k is not key] + [key]
+            want = (pid, key.packet_class, len(keys) - 1, msg)
+            assert _outcome(packet.open_packet, sealed, candidates, mask) == want, size
+            for pos in {8, 24, len(sealed) - 1, rng.randrange(8, len(sealed))}:
+                bad = bytearray(sealed)
+                bad[pos] ^= 1 << rng.randrange(8)
+                got = _outcome(packet.open_packet, bytes(bad), candidates, mask)
+                assert got == _outcome(open_python, bytes(bad), candidates, mask), (size, pos)
+
+
+def test_keystream_is_libsodiums_djb_chacha20_on_both_sides_of_the_crossovers() -> None:
+    """Sealing zeros exposes the keystream: it must be libsodium's own
+    crypto_stream_chacha20 (DJB, 8-byte nonce = PacketID, counter from 0), whichever
+    library made it; the OpenSSL IV is LE64(counter) || nonce."""
+    import pysodium  # the `bench` extra, which `make test` installs: never skipped
+
+    rng = random.Random(12)
+    for size in _boundary_sizes():
+        sk, seed, pid = rng.randbytes(32), rng.randbytes(24), rng.randint(1, 2**64 - 1)
+        sealed = packet.ACCEL.seal(sk, seed, pid, bytes(size), 0)  # type: ignore[union-attr]
+        stream = pysodium.crypto_stream_chacha20_xor(
+            bytes(36 + size), pid.to_bytes(8, "little"), sk
+        )
+        assert sealed[8 + 36 :] == stream[36:], size
+
+
+def _fragment_cases() -> list[tuple[int, int]]:
+    """(max_payload, payload size): fragments whose messages areas (max_payload + 9, the
+    last one shorter) fall on both sides of the run crossovers and end at odd offsets."""
+    cases = []
+    for area in (100, 119, 120, 127, 128, 129, 155, 156, 157, 183, 191, 192, 193, 257, 1437):
+        e = area - 9
+        for size in (1, 2 * (e - 24) + 1, 3 * (e - 24) - 61, 5 * (e - 24) + 7, 9000):
+            if size > 0:
+                cases.append((e, size))
+    return cases
+
+
+@pytest.mark.parametrize(("e", "size"), _fragment_cases())
+def test_seal_fragments_around_the_crossovers_is_the_reference(e: int, size: int) -> None:
+    rng = random.Random(e * 100_003 + size)
+    payload = rng.randbytes(size)
+    for key in _keys3(rng):
+        pid, mask, chain = rng.randint(1, 2**40), rng.getrandbits(64), rng.getrandbits(64)
+        got = packet.seal_fragments(key, pid, mask, 5, payload, chain, e)
+        assert got == packet.seal_fragments_python(key, pid, mask, 5, payload, chain, e)
+
+
+def test_calls_in_several_threads_at_once_give_the_single_thread_bytes() -> None:
+    """The C calls release the GIL: their OpenSSL contexts are per call, so threads sealing
+    and opening under different keys at the same time cannot mix them up."""
+    rng = random.Random(13)
+    jobs = []
+    for _ in range(24):
+        key = _keys3(rng)[rng.randrange(2)]
+        pid, e = rng.randint(1, 2**40), rng.choice([1232, 1392, 8948])
+        payload = rng.randbytes(rng.randint(1, 65536))
+        jobs.append((key, pid, e, payload, packet.seal_fragments(key, pid, 0, 5, payload, 7, e)))
+    errors: list[str] = []
+
+    def work(offset: int) -> None:
+        deadline = time.monotonic() + 3
+        for round_ in range(20):
+            for j in range(len(jobs)):
+                key, pid, e, payload, want = jobs[(j + offset) % len(jobs)]
+                if packet.seal_fragments(key, pid, 0, 5, payload, 7, e) != want:
+                    errors.append(f"thread {offset} round {round_} job {j}")
+            if time.monotonic() > deadline:
+                return
+
+    threads = [threading.Thread(target=work, args=(k * 5,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]

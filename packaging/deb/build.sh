@@ -37,7 +37,7 @@ die() { echo "deb: error: $*" >&2; exit 1; }
 
 # --- build dependencies ----------------------------------------------------------------
 need=()
-for p in dpkg-dev python3-venv python3-dev gcc libsodium-dev binutils; do
+for p in dpkg-dev python3-venv python3-dev gcc libsodium-dev libssl-dev binutils; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -74,14 +74,14 @@ mkdir -p "$STAGE$PREFIX"
     cd /   # import from the venv below, not from a secureiod/ in the current directory
     export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
     "$PY" -m venv "$SVENV"
-    # Build our own wheel (with the libsodium C accelerator) from the clean copy, with
+    # Build our own wheel (with the libsodium/OpenSSL C accelerator) from the clean copy, with
     # Debian's hardening flags (fortify, stack protector, relro/bindnow) ...
     eval "$(DEB_BUILD_MAINT_OPTIONS=hardening=+all dpkg-buildflags --export=sh)"
     # shellcheck disable=SC2086  # PIP holds several options
     "$SVENV/bin/pip" wheel -q ${PIP:-} --no-deps -w "$WORK/wheels" "$WORK/src"
     # ... and install it with its dependencies as binary wheels. (PyNaCl 1.6 cannot be
     # built against Debian 12's libsodium 1.0.18, so it keeps the libsodium its wheel
-    # embeds; our own C accelerator links the system libsodium23.)
+    # embeds; our own C accelerator links the system libsodium23 and libssl3's libcrypto.)
     # shellcheck disable=SC2086
     "$SVENV/bin/pip" install -q ${PIP:-} --no-compile --only-binary :all: "$WORK"/wheels/secureiod-*.whl
     "$SVENV/bin/python" - <<'PYEOF'
@@ -172,12 +172,13 @@ grep -vE 'no dependency information found|should already be installed|could avoi
     "$WORK/shlibdeps.err" >&2 || true
 [ -n "$shlibs" ] || die "dpkg-shlibdeps found no dependencies"
 # The venv is tied to the minor version it was made with (lib/python3.11, cp311 wheels).
-# libsodium23 is named even if dpkg-shlibdeps finds it (our C accelerator links it);
+# libsodium23 and libssl3 are named even if dpkg-shlibdeps finds them (our C accelerator
+# links both);
 # iproute2 for the admin's `ip`, procps for the unit's /bin/kill, adduser for postinst,
 # acl for the unit's setfacl (access to /dev/net/tun where it is 0600).
 # Suggests: `dns = [...]` is applied through systemd-resolved, which lets the unit's user
 # change a link's DNS only through polkit (packaging/polkit/secureiod.rules).
-DEPENDS="python3 (>= $PYVER), python3 (<< $PYNEXT), $shlibs, libsodium23, iproute2, procps, adduser, acl"
+DEPENDS="python3 (>= $PYVER), python3 (<< $PYNEXT), $shlibs, libsodium23, libssl3, iproute2, procps, adduser, acl"
 # Keep the first mention of each package (libsodium23 (>= x) over a bare libsodium23).
 DEPENDS=$("$PY" -c '
 import sys

@@ -32,7 +32,7 @@ CACHE_DIR = Path(os.environ.get("SECUREIOD_TEST_CACHE", "/var/cache/secureiod-te
 SUITE = "bookworm"
 # Everything the .deb depends on must be here: the containers have no network for apt.
 INCLUDE = (
-    "systemd,systemd-sysv,dbus,iproute2,iputils-ping,libsodium23,python3,python3-venv,"
+    "systemd,systemd-sysv,dbus,iproute2,iputils-ping,libsodium23,libssl3,python3,python3-venv,"
     "ca-certificates,procps,acl"
 )
 DEFAULT_MIRROR = "http://deb.debian.org/debian"

@@ -5,11 +5,14 @@
  * calls through `cryptography`, about 11 us to seal and 13 us to open at MTU size, most
  * of it per-call overhead. This module does the same construction (PROTOCOL.md section 4,
  * and packet.py, which stays the reference implementation and the fallback) in one call:
- * ChaCha20 (DJB, 64-bit nonce) and Poly1305 from libsodium, BLAKE3 for the 32-byte
- * Poly1305 key input implemented here (a single compression: the input is one block).
+ * ChaCha20 (DJB, 64-bit nonce) and Poly1305 from OpenSSL for long inputs and libsodium
+ * for short ones (_construction.h says why and where the crossovers are), BLAKE3 for the
+ * 32-byte Poly1305 key input implemented here (a single compression: the input is one
+ * block).
  *
  * Tags are compared in constant time (crypto_verify_16). Inputs are hostile: every length
- * is checked before use and nothing is read past the end of a buffer.
+ * is checked before use and nothing is read past the end of a buffer. An OpenSSL failure
+ * raises (MemoryError, RuntimeError): it never yields a wrong tag or plaintext.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -70,16 +73,23 @@ static PyObject *accel_seal(PyObject *self, PyObject *args) {
     }
     uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
     uint8_t pk[32], pid8[8];
+    crypto_t c;
+    crypto_init(&c, PyModule_GetState(self), 1);
     poly_key(ms, pid, pk);
     store64(o, pid ^ mask);
     store64(pid8, pid);
     store32(o + 8 + 32, (uint32_t)msg.len);
     crypto_onetimeauth_poly1305(o + 8, o + 8 + 32, 4, pk);
-    crypto_onetimeauth_poly1305(o + 8 + 16, (const uint8_t *)msg.buf, (unsigned long long)msg.len, pk);
+    int rc = poly1305(&c, o + 8 + 16, (const uint8_t *)msg.buf, (size_t)msg.len, pk);
     memcpy(o + HEADER, msg.buf, msg.len);
-    if (sk != NULL) crypto_stream_chacha20_xor_ic(o + 8, o + 8, HEAD_PLAIN + msg.len, pid8, 0, sk);
+    if (rc == 0 && sk != NULL) rc = chacha20_xor_ic(&c, o + 8, o + 8, HEAD_PLAIN + msg.len, pid8, 0, sk);
     sodium_memzero(pk, sizeof pk);
     PyBuffer_Release(&msg);
+    crypto_release(&c);
+    if (rc < 0) {
+        Py_DECREF(out);
+        return crypto_raise(&c);
+    }
     return out;
 }
 
@@ -99,6 +109,8 @@ static PyObject *accel_open(PyObject *self, PyObject *args) {
         return NULL;
     }
     PyObject *result = NULL;
+    crypto_t c;
+    crypto_init(&c, PyModule_GetState(self), 1);
     const uint8_t *d = (const uint8_t *)data.buf;
     Py_ssize_t n = data.len;
     if (n < HEADER) { result = PyLong_FromLong(1); goto done; }
@@ -125,9 +137,21 @@ static PyObject *accel_open(PyObject *self, PyObject *args) {
         PyObject *plain = PyBytes_FromStringAndSize(NULL, n - 8);
         if (plain == NULL) goto done;
         uint8_t *p = (uint8_t *)PyBytes_AS_STRING(plain);
-        if (sk != NULL) crypto_stream_chacha20_xor_ic(p, d + 8, (unsigned long long)(n - 8), pid8, 0, sk);
-        else memcpy(p, d + 8, n - 8);
-        crypto_onetimeauth_poly1305(tag, p + HEAD_PLAIN, (unsigned long long)body_len, pk);
+        /* The first block is already in `head`: decrypt only from the second one on. */
+        memcpy(p, head, first);
+        int rc = 0;
+        if (first < (size_t)(n - 8)) {
+            if (sk != NULL)
+                rc = chacha20_xor_ic(&c, p + sizeof head, d + 8 + sizeof head,
+                                     (size_t)(n - 8) - sizeof head, pid8, 1, sk);
+            else memcpy(p + sizeof head, d + 8 + sizeof head, (size_t)(n - 8) - sizeof head);
+        }
+        if (rc == 0) rc = poly1305(&c, tag, p + HEAD_PLAIN, (size_t)body_len, pk);
+        if (rc < 0) {
+            Py_DECREF(plain);
+            crypto_raise(&c);
+            goto done;
+        }
         if (crypto_verify_16(tag, p + 16) != 0) {
             Py_DECREF(plain);
             result = PyLong_FromLong(3);
@@ -148,6 +172,7 @@ static PyObject *accel_open(PyObject *self, PyObject *args) {
 done:
     sodium_memzero(pk, sizeof pk);
     sodium_memzero(head, sizeof head);
+    crypto_release(&c);
     PyBuffer_Release(&data);
     return result;
 }
@@ -210,9 +235,21 @@ static PyObject *accel_seal_fragments(PyObject *self, PyObject *args) {
     }
     uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
     const uint8_t *src = (const uint8_t *)msg.buf;
-    uint8_t pk[32], pid8[8];
+    uint8_t pid8[8], pks[KEY_LANES][32];
+    uint64_t lane_pid[KEY_LANES];
+    crypto_t c;
+    crypto_init(&c, PyModule_GetState(self), 0);
     Py_BEGIN_ALLOW_THREADS
-    for (size_t i = 0; i < count; i++) {
+    for (size_t i = 0; i < count && c.error == CRYPTO_OK; i++) {
+        /* Poly1305 keys KEY_LANES fragments at a time; one by one for a short tail. */
+        const uint8_t *pk = pks[i % KEY_LANES];
+        if (count - (i - i % KEY_LANES) < 3) {
+            poly_key(ms, pid0 + i, pks[0]);
+            pk = pks[0];
+        } else if (i % KEY_LANES == 0) {
+            for (int l = 0; l < KEY_LANES; l++) lane_pid[l] = pid0 + i + (uint64_t)l;
+            poly_keys(ms, lane_pid, pks);
+        }
         size_t start = i * chunk;
         size_t n = total - start < chunk ? total - start : chunk;
         size_t mlen = MSG_HEADER + FRAG_HEADER + n; /* the messages area: <= 65535 */
@@ -225,18 +262,22 @@ static PyObject *accel_seal_fragments(PyObject *self, PyObject *args) {
         store64(m + MSG_HEADER + 8, (uint64_t)start);
         store64(m + MSG_HEADER + 16, (uint64_t)total);
         memcpy(m + MSG_HEADER + FRAG_HEADER, src + start, n);
-        poly_key(ms, pid, pk);
         store64(o, pid ^ mask);
         store64(pid8, pid);
         store32(o + 8 + 32, (uint32_t)mlen);
         crypto_onetimeauth_poly1305(o + 8, o + 8 + 32, 4, pk);
-        crypto_onetimeauth_poly1305(o + 8 + 16, m, (unsigned long long)mlen, pk);
-        if (sk != NULL) crypto_stream_chacha20_xor_ic(o + 8, o + 8, HEAD_PLAIN + mlen, pid8, 0, sk);
+        if (poly1305(&c, o + 8 + 16, m, mlen, pk) == 0 && sk != NULL)
+            chacha20_xor_ic(&c, o + 8, o + 8, HEAD_PLAIN + mlen, pid8, 0, sk);
         o += HEADER + mlen;
     }
-    sodium_memzero(pk, sizeof pk);
+    sodium_memzero(pks, sizeof pks);
+    crypto_release(&c);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&msg);
+    if (c.error != CRYPTO_OK) {
+        Py_DECREF(out);
+        return crypto_raise(&c);
+    }
     size_t segment = count > 1 ? chunk + FRAG_OVERHEAD : size;
     return Py_BuildValue("Nnn", out, (Py_ssize_t)count, (Py_ssize_t)segment);
 }
@@ -265,7 +306,15 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_accel", NULL, -1, methods};
+static void module_free(void *m) {
+    algorithms_t *alg = PyModule_GetState((PyObject *)m);
+    if (alg != NULL) algorithms_free(alg);
+}
+
+/* The module state is the fetched OpenSSL algorithms (_construction.h). */
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_accel", NULL, sizeof(algorithms_t), methods, NULL, NULL, NULL,
+    module_free};
 
 PyMODINIT_FUNC PyInit__accel(void) {
     if (sodium_init() < 0) {
@@ -273,5 +322,13 @@ PyMODINIT_FUNC PyInit__accel(void) {
         return NULL;
     }
     POLY_XOR_PID = load64((const uint8_t *)"github.c");
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (algorithms_fetch(PyModule_GetState(m)) < 0) {
+        ERR_clear_error();
+        Py_DECREF(m); /* module_free releases what was fetched */
+        PyErr_SetString(PyExc_ImportError, "OpenSSL has no ChaCha20 or POLY1305");
+        return NULL;
+    }
+    return m;
 }

@@ -14,12 +14,14 @@
  * replay.py and reassembly.py, which use these results as if the datagrams had been fed
  * one by one (tests/test_rx_batch.py checks that, with packet.py as the reference).
  *
- * The construction is _accel.c's (PROTOCOL.md section 4): the BLAKE3 single-block hash
- * and the key derivation are shared with it in _construction.h; tests check both against
- * the Python code.
+ * The construction is _accel.c's (PROTOCOL.md section 4): the BLAKE3 single-block hash,
+ * the key derivation and the choice between OpenSSL and libsodium for ChaCha20 and
+ * Poly1305 are shared with it in _construction.h; tests check both against the Python code.
  *
  * Inputs are hostile: every length is checked before use, nothing is read past the end
  * of the buffer, allocation is bounded by the buffer's size, and bad data never raises.
+ * Only a failure inside OpenSSL raises (MemoryError, RuntimeError), for the whole run:
+ * nothing is reported from a run whose crypto did not run to the end.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -90,10 +92,12 @@ static int parse_keys(PyObject *keys, keys_t *out) {
 /*
  * Open d[0:n] (one datagram) into plain[8:n] (plain has room for n bytes), exactly as
  * _accel.open and packet.open_python do: the first key whose header tag verifies decides.
- * Needs no Python object: runs without the GIL.
+ * Needs no Python object: runs without the GIL. An OpenSSL failure is left in c->error
+ * (the caller then discards the whole run). pk0: the first key's Poly1305 key for this
+ * datagram's PacketID, computed already (or NULL).
  */
 static void open_one(const uint8_t *d, Py_ssize_t n, const keys_t *keys, uint64_t mask,
-                     uint8_t *plain, segment_t *seg) {
+                     uint8_t *plain, segment_t *seg, crypto_t *c, const uint8_t *pk0) {
     seg->fragment = 0;
     if (n < HEADER) { seg->status = 1; return; }
     uint64_t pid = load64(d) ^ mask;
@@ -105,7 +109,8 @@ static void open_one(const uint8_t *d, Py_ssize_t n, const keys_t *keys, uint64_
     seg->status = 2;
     for (Py_ssize_t i = 0; i < keys->count; i++) {
         const uint8_t *sk = keys->stream[i];
-        poly_key(keys->seed[i], pid, pk);
+        if (i == 0 && pk0 != NULL) memcpy(pk, pk0, sizeof pk);
+        else poly_key(keys->seed[i], pid, pk);
         size_t first = (size_t)(n - 8) < sizeof head ? (size_t)(n - 8) : sizeof head;
         if (sk != NULL) crypto_stream_chacha20_xor_ic(head, d + 8, first, pid8, 0, sk);
         else memcpy(head, d + 8, first);
@@ -115,13 +120,15 @@ static void open_one(const uint8_t *d, Py_ssize_t n, const keys_t *keys, uint64_
         /* The first block is already in `head`: decrypt only from the second one on. */
         memcpy(p, head, first);
         if (first < (size_t)(n - 8)) {
-            if (sk != NULL)
-                crypto_stream_chacha20_xor_ic(p + sizeof head, d + 8 + sizeof head,
-                                              (unsigned long long)(n - 8 - (Py_ssize_t)sizeof head),
-                                              pid8, 1, sk);
-            else memcpy(p + sizeof head, d + 8 + sizeof head, (size_t)(n - 8) - sizeof head);
+            if (sk != NULL) {
+                if (chacha20_xor_ic(c, p + sizeof head, d + 8 + sizeof head,
+                                    (size_t)(n - 8) - sizeof head, pid8, 1, sk) < 0)
+                    break;
+            } else {
+                memcpy(p + sizeof head, d + 8 + sizeof head, (size_t)(n - 8) - sizeof head);
+            }
         }
-        crypto_onetimeauth_poly1305(tag, p + HEAD_PLAIN, (unsigned long long)body_len, pk);
+        if (poly1305(c, tag, p + HEAD_PLAIN, (size_t)body_len, pk) < 0) break;
         if (crypto_verify_16(tag, p + 16) != 0) { seg->status = 3; break; }
         if ((Py_ssize_t)load32(p + 32) != body_len) { seg->status = 4; break; }
         seg->status = 0;
@@ -213,14 +220,40 @@ static PyObject *rx_open_run(PyObject *self, PyObject *args) {
         goto done;
     }
     const uint8_t *d = (const uint8_t *)data.buf;
+    crypto_t c;
+    crypto_init(&c, PyModule_GetState(self), 0);
+    uint8_t pks[KEY_LANES][32];
+    uint64_t lane_pid[KEY_LANES];
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t k = 0; k < nseg; k++) {
+    for (Py_ssize_t k = 0; k < nseg && c.error == CRYPTO_OK; k++) {
         segment_t *s = &segs[k];
         s->off = k * seg_size;
         s->len = n - s->off < seg_size ? n - s->off : seg_size;
-        open_one(d + s->off, s->len, &keys, (uint64_t)mask, plain + s->off, s);
+        /* The first key's Poly1305 keys KEY_LANES datagrams at a time (most datagrams open
+           under it); one by one for a short tail. A lane whose datagram is too short to
+           have a PacketID computes a key nobody uses. */
+        const uint8_t *pk0 = NULL;
+        Py_ssize_t block = k - k % KEY_LANES;
+        if (keys.count > 0 && nseg - block >= 3) {
+            if (k == block) {
+                for (int l = 0; l < KEY_LANES; l++) {
+                    Py_ssize_t off = block + l < nseg ? (block + l) * seg_size : n;
+                    lane_pid[l] = n - off >= HEADER ? load64(d + off) ^ (uint64_t)mask : 0;
+                }
+                poly_keys(keys.seed[0], lane_pid, pks);
+            }
+            pk0 = pks[k - block];
+        }
+        open_one(d + s->off, s->len, &keys, (uint64_t)mask, plain + s->off, s, &c, pk0);
     }
+    sodium_memzero(pks, sizeof pks);
+    crypto_release(&c);
     Py_END_ALLOW_THREADS
+    if (c.error != CRYPTO_OK) {
+        Py_CLEAR(out);
+        crypto_raise(&c);
+        goto done;
+    }
 
     for (Py_ssize_t i = 0; i < nseg;) {
         segment_t *s = &segs[i];
@@ -275,7 +308,15 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rxbatch", NULL, -1, methods};
+static void module_free(void *m) {
+    algorithms_t *alg = PyModule_GetState((PyObject *)m);
+    if (alg != NULL) algorithms_free(alg);
+}
+
+/* The module state is the fetched OpenSSL algorithms (_construction.h). */
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_rxbatch", NULL, sizeof(algorithms_t), methods, NULL, NULL, NULL,
+    module_free};
 
 PyMODINIT_FUNC PyInit__rxbatch(void) {
     if (sodium_init() < 0) {
@@ -283,5 +324,13 @@ PyMODINIT_FUNC PyInit__rxbatch(void) {
         return NULL;
     }
     POLY_XOR_PID = load64((const uint8_t *)"github.c");
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (algorithms_fetch(PyModule_GetState(m)) < 0) {
+        ERR_clear_error();
+        Py_DECREF(m); /* module_free releases what was fetched */
+        PyErr_SetString(PyExc_ImportError, "OpenSSL has no ChaCha20 or POLY1305");
+        return NULL;
+    }
+    return m;
 }
