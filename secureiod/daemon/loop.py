@@ -202,6 +202,8 @@ class EventLoop:
         while self._running:
             if pending:
                 timeout = 0.0
+            elif timers and not timers[0].cancelled:  # the usual case, without a call
+                timeout = min(MAX_WAIT, max(0.0, timers[0].when - clock()))
             elif timers:
                 timeout = self._timeout(clock())
             else:

@@ -215,22 +215,31 @@ class Peer:
         float sum. ``now - last >= interval`` can be false at ``now == last + interval``
         (rounding), and a timer armed for that instant would fire, find nothing due, and
         be armed for the same instant again, forever."""
-        times = []
+        # Called after every wake-up that touched the peer: compared in place, no list.
+        t: float | None = None
         s = self.session
+        established = False
         if s is not None:
             t = s.get_timer()
-            if t is not None:
-                times.append(t)
-            if s.is_established:
-                times.append((s.last_sent or 0.0) + self.keepalive_interval)
-                if s.last_received is not None:
-                    times.append(s.last_received + self.timing.dead_after)
-        if self.restart_at is not None:
-            times.append(self.restart_at)
+            if s.state is SessionState.ESTABLISHED:
+                established = True
+                k = (s.last_sent or 0.0) + self.keepalive_interval
+                if t is None or k < t:
+                    t = k
+                last = s.last_received
+                if last is not None:
+                    k = last + self.timing.dead_after
+                    if k < t:
+                        t = k
+        restart_at = self.restart_at
+        if restart_at is not None and (t is None or restart_at < t):
+            t = restart_at
         ns = self.name_state
-        if ns is not None and not ns.resolving and not (s is not None and s.is_established):
-            times.append(ns.next_at)
-        return min(times) if times else None
+        if ns is not None and not ns.resolving and not established:
+            k = ns.next_at
+            if t is None or k < t:
+                t = k
+        return t
 
     def needs_restart(self, now: float) -> str | None:
         """Why the session should be replaced now, if it should."""

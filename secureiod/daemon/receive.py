@@ -5,6 +5,8 @@ is authentic, whether its address may become the peer's endpoint); this module o
 moves what the core accepted on to the TUN device, after two checks of its own on each
 inner packet: its IP header must agree with its length (``inner``), and its source must
 route back to the peer that sent it (cryptokey routing: the inner-source check).
+The only datagram of a wake-up, when all it brought is one message, is delivered at once
+through the same checks (``_receive_lone``) instead of waiting for the wake-up's flush.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .allowed_ips import AllowedIPs
 from .inner import inner_packet_problem
 from .offload import CAPS_TYPE, VNET_HDR_SIZE, VNET_TYPE, ZERO_HDR, header_acceptable
 from .peer import DATA_TYPE, Peer
-from .ports import TunPort, UdpPort
+from .ports import Address, TunPort, UdpPort
 from .send import BatchSize
 
 _DATA: Final = DATA_TYPE
@@ -55,9 +57,15 @@ class ReceivePath:
         dirty = self.dirty
         batch = self.batch
         if self._recv_runs is not None:
+            runs = self._recv_runs(batch.on_wake(now))
+            if len(runs) == 1 and runs[0][1] >= len(runs[0][0]):
+                batch.note(1)
+                data, _, addr = runs[0]
+                self._receive_lone(data, addr, now)
+                return
             receive_run = self.demux.receive_run
             count = 0
-            for data, segment, addr in self._recv_runs(batch.on_wake(now)):
+            for data, segment, addr in runs:
                 if segment >= len(data):
                     count += 1
                     peer = receive(data, addr, now)
@@ -70,57 +78,83 @@ class ReceivePath:
             return
         datagrams = self.udp.recv_batch(batch.on_wake(now))
         batch.note(len(datagrams))
+        if len(datagrams) == 1:
+            self._receive_lone(*datagrams[0], now)
+            return
         for data, addr in datagrams:
             peer = receive(data, addr, now)
             if peer is not None:
                 dirty.add(peer)
 
-    def drain(self, peer: Peer, now: float) -> None:
+    def _receive_lone(self, data: bytes, addr: Address, now: float) -> None:
+        """The only datagram of this wake-up. When all it did was bring one message (the
+        session says so: ``take_lone_message``), deliver that at once, through ``drain``
+        with its checks, and leave the peer out of the wake-up's flush: nothing of it is
+        due, and its deadlines only moved later (a lazy timer fires early and re-arms).
+        Anything else marks the peer for ``Device.after_wakeup`` as any datagram does."""
+        peer = self.demux.receive_datagram(data, addr, now)
+        if peer is None:
+            return
+        s = peer.session
+        if (
+            s is not None
+            and peer not in self.dirty
+            and peer.timer_at is not None
+            # the one deadline a fresh datagram can set is the dead-peer check's (its first)
+            and peer.timer_at <= now + peer.timing.dead_after
+            and (ev := s.take_lone_message()) is not None
+        ):
+            self.drain(peer, now, ev)
+            return
+        self.dirty.add(peer)
+
+    def drain(self, peer: Peer, now: float, first: Event | None = None) -> None:
         """Deliver what the peer's session accepted: packets to the TUN device, everything
-        else (state, path, sizes, capabilities) to its owner."""
+        else (state, path, sizes, capabilities) to its owner. ``first``: an event already
+        taken off the session's queue (``take_lone_message``), delivered before the rest."""
         s = peer.session
         if s is None:
             return
-        next_event = s.next_event
-        ev = next_event()
-        if ev is None:  # a wake-up that only sent: nothing to set up for
+        events: list[Event] = [first] if first is not None else s.take_events()
+        if not events:  # a wake-up that only sent: nothing to set up for
             return
         source_owner = self.router.lookup_source
         tun = self.tun
         vnet = tun.vnet_hdr
         drops = peer.counters.drops
         c = peer.counters
-        while ev is not None:
-            if type(ev) is not MessageReceived:
-                self.on_event(peer, ev, now)
-                ev = next_event()
-                continue
-            mtype = ev.type
-            payload = ev.payload
-            if mtype == _DATA:
-                problem = inner_packet_problem(payload)
-                if problem is not None:
-                    drops[problem] += 1
-                elif source_owner(payload) is not peer:
-                    drops["source-not-allowed"] += 1
-                elif tun.write_parts(ZERO_HDR, payload) if vnet else tun.write(payload):
-                    c.rx_packets += 1
-                    c.rx_bytes += len(payload)
-                else:
-                    self.tun_write_errors += 1
-            elif mtype == VNET_TYPE:
-                if not vnet or not header_acceptable(payload):
-                    drops["bad-offload-header"] += 1
-                elif (problem := inner_packet_problem(payload, VNET_HDR_SIZE)) is not None:
-                    drops[problem] += 1
-                elif source_owner(payload, VNET_HDR_SIZE) is not peer:
-                    drops["source-not-allowed"] += 1
-                elif tun.write(payload):
-                    c.rx_packets += 1
-                    c.rx_bytes += len(payload) - VNET_HDR_SIZE
-                else:
-                    self.tun_write_errors += 1
-            elif mtype == CAPS_TYPE:
-                self.on_caps(peer, payload)
-            # KEEPALIVE_TYPE and unknown types: liveness only
-            ev = next_event()
+        while events:
+            for ev in events:
+                if type(ev) is not MessageReceived:
+                    self.on_event(peer, ev, now)
+                    continue
+                mtype = ev.type
+                payload = ev.payload
+                if mtype == _DATA:
+                    problem = inner_packet_problem(payload)
+                    if problem is not None:
+                        drops[problem] += 1
+                    elif source_owner(payload) is not peer:
+                        drops["source-not-allowed"] += 1
+                    elif tun.write_parts(ZERO_HDR, payload) if vnet else tun.write(payload):
+                        c.rx_packets += 1
+                        c.rx_bytes += len(payload)
+                    else:
+                        self.tun_write_errors += 1
+                elif mtype == VNET_TYPE:
+                    if not vnet or not header_acceptable(payload):
+                        drops["bad-offload-header"] += 1
+                    elif (problem := inner_packet_problem(payload, VNET_HDR_SIZE)) is not None:
+                        drops[problem] += 1
+                    elif source_owner(payload, VNET_HDR_SIZE) is not peer:
+                        drops["source-not-allowed"] += 1
+                    elif tun.write(payload):
+                        c.rx_packets += 1
+                        c.rx_bytes += len(payload) - VNET_HDR_SIZE
+                    else:
+                        self.tun_write_errors += 1
+                elif mtype == CAPS_TYPE:
+                    self.on_caps(peer, payload)
+                # KEEPALIVE_TYPE and unknown types: liveness only
+            # what the handlers caused meanwhile (a state change's follow-ups), in order
+            events = s.take_events()

@@ -9,7 +9,12 @@ Shaped like aioquic's ``QuicConnection``: the caller owns the socket and the clo
   ``report_path_limit(limit, now)``, ``set_endpoint(addr)``, ``close(now)``;
 * outputs: ``datagrams_to_send(now)`` as ``(bytes, addr)`` pairs (or the same datagrams as
   ``datagram_runs_to_send(now)``: a fragmented message as one UDP GSO buffer),
-  ``get_timer()``, ``next_event()``, ``endpoint``, ``stats``.
+  ``get_timer()``, ``next_event()`` (or ``take_events()``: all at once), ``endpoint``,
+  ``stats``;
+* the lone-packet shortcuts, for a caller that wants a quiet tunnel's packet handled in
+  the fewest steps: ``seal_message_now`` (write + flush + take the one datagram) and
+  ``take_lone_message`` (the one message an input brought, when nothing else is due).
+  Each gives exactly what the general path gives, or ``None`` and changes nothing.
 
 Receive path order (PROTOCOL §4.6 with the §12 hardening): open the packet (MAC) →
 refuse everything but key exchange from clear/aux packets → only then the replay window →
@@ -82,7 +87,7 @@ from .packet import (
     seal_fragments,
 )
 from .path import Address, same_path
-from .pmtu import PathMtuOptions, PathMtuStats, PathProber
+from .pmtu import CONFIRM_MIN_SIZE, PathMtuOptions, PathMtuStats, PathProber
 from .reassembly import Reassembler, fragment_message
 from .replay import ReplayWindow
 from .rxbatch import (
@@ -272,6 +277,10 @@ class Session:
         """A session packet of the current remote session passed the replay window: from
         then on only such packets, or a restart, show where the peer is."""
         self._needs_update = False
+        self._unsettled = True
+        """Since the last ``take_lone_message``, something may have moved ``get_timer``
+        earlier or changed the state (a sub-machine update, a key slot being watched):
+        the caller must then take the general path (``next_event``, ``get_timer``)."""
         self._kx_budget = TokenBucket(opt.key_exchanges_per_second, _KX_BURST)
         self._kx_budget_strangers = TokenBucket(opt.key_exchanges_per_second, _KX_BURST)
         self._ring = KeyRing([self._fallback])
@@ -393,8 +402,10 @@ class Session:
             if addr != self._endpoint and pid == replay.latest and replay.size > 0:
                 self._path_validated(addr, now)
             self._heard_session_packet = True
-            if kx.watching and kx.note_session_packet(kx.recv_slot_ids[index], now):
-                self._needs_update = True
+            if kx.watching:
+                self._unsettled = True  # (a watched slot may arm a nudge: get_timer moves)
+                if kx.note_session_packet(kx.recv_slot_ids[index], now):
+                    self._needs_update = True
             # an accepted datagram: the peer is alive (written out: this runs per datagram)
             self._decrypt_failures = 0
             self.last_received = now
@@ -604,6 +615,59 @@ class Session:
             return
         self._send_data(message_type, payload, now)
 
+    def seal_message_now(
+        self, message_type: int, payload: bytes | memoryview, now: float
+    ) -> tuple[bytes, Address] | None:
+        """``write_message`` then ``flush`` then ``datagrams_to_send`` for one message, when
+        that is all they would do: the one datagram and where it goes, with the same
+        PacketID, bytes and counters. The lone packet of a quiet tunnel (a ping) is sealed
+        and handed back at once, without the batch, the output queue and the runs.
+
+        ``None``, having changed nothing, whenever the general path has more to do: not
+        established, anything batched, queued or waiting to go out (it goes first), no
+        endpoint, an internal type, a payload above the packet size, or a size that would
+        give the path prober a confirmation deadline (``get_timer`` must not move earlier
+        behind the caller's back). The caller then calls ``write_message`` as usual."""
+        size = len(payload)
+        if (
+            self.state is not _ESTABLISHED
+            or self._batch
+            or self._out
+            or self._queued
+            or self._endpoint is None
+            or size > self.payload_size
+            or message_type in (_KX, _NEG)
+            or (size > self._largest_sent and size > CONFIRM_MIN_SIZE and self._prober.active)
+        ):
+            return None
+        key = self._kx.send_key
+        if key is None:
+            return None
+        self.stats.tx_messages += 1
+        if size > self._largest_sent:
+            self._largest_sent = size
+        self._seal(key, MESSAGE_HEADER.pack(message_type, size, _CONF) + payload, now)
+        return self._out.pop(), self._endpoint
+
+    def take_lone_message(self) -> MessageReceived | None:
+        """After an input, when its only outcome is one message to deliver: that message,
+        taken off the event queue. Nothing else is then due for this session (no other
+        event, nothing batched or to send, no sub-machine update or watched key slot since
+        the last call, so ``get_timer`` moved no earlier): the caller delivers it and is
+        done. ``None`` otherwise (then, once, also after such an update): deliver with
+        ``next_event`` and re-arm from ``get_timer`` as usual."""
+        events = self._events
+        if self._unsettled:
+            self._unsettled = False
+            return None
+        if len(events) != 1 or self._out or self._batch:
+            return None
+        ev = events[0]
+        if type(ev) is not MessageReceived:
+            return None
+        events.clear()
+        return ev
+
     def flush(self, now: float) -> None:
         """Send the aggregated batch now: an I/O loop calls this when its input runs dry."""
         if self._batch:
@@ -764,6 +828,17 @@ class Session:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    def take_events(self) -> list[Event]:
+        """Every queued event, in order, at once (``next_event`` without a call per event,
+        for a caller that delivers a packet's worth of small messages). Events that its
+        handling causes meanwhile are queued for the next call."""
+        events = self._events
+        if not events:
+            return []
+        taken = list(events)
+        events.clear()
+        return taken
+
     # -- receive internals ------------------------------------------------------------
 
     def _unencrypted_allowed(self, messages: bytes) -> bool:
@@ -810,6 +885,8 @@ class Session:
     def _process_messages(self, messages: bytes, now: float, *, stranger: bool = False) -> None:
         """``stranger``: the datagram came from elsewhere than the endpoint (key exchanges
         then spend the strangers' budget)."""
+        stats = self.stats
+        events = self._events
         try:
             for m in iter_messages(messages):
                 mtype = m.type
@@ -822,7 +899,13 @@ class Session:
                     self._needs_update = True
                     self._handle_negotiation(m.payload, now)
                 else:
-                    self._deliver(mtype, bytes(m.payload))
+                    # _deliver, written out: an aggregated packet of small ones runs this
+                    # per message
+                    stats.rx_messages += 1
+                    if len(events) < _MAX_EVENTS:
+                        events.append(MessageReceived(mtype, bytes(m.payload)))
+                    else:
+                        stats.drop(DropReason.EVENT_QUEUE_FULL)
         except MalformedError:
             self.stats.drop(DropReason.TRUNCATED_MESSAGE)
 
@@ -1015,6 +1098,7 @@ class Session:
         timers, a newly confirmed send key); a plain data packet skips it.
         """
         self._needs_update = False
+        self._unsettled = True
         if self.state == SessionState.CLOSED:
             return
         kx = self._kx
