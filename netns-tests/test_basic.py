@@ -49,6 +49,7 @@ def test_ipv6_underlay(net: Net) -> None:
     st = a.status()
     assert st["listen"].startswith("[::]")
     assert st["peers_established"] == st["peers_total"] == 1
+    assert st["crypto"] == "openssl+libsodium"  # the daemon runs the C path with OpenSSL
 
 
 def test_counters_match_traffic(net: Net) -> None:

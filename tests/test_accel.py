@@ -33,8 +33,69 @@ def _outcome(fn, *args):  # type: ignore[no-untyped-def]
 
 
 def test_accelerator_is_built_where_make_test_runs() -> None:
-    """CI installs libsodium-dev: a silently missing build would hide a speed regression."""
+    """CI installs libsodium-dev and libssl-dev: a silently missing build (or OpenSSL half)
+    would hide a speed regression."""
     assert packet.ACCEL is not None
+    assert packet.ACCEL.OPENSSL is True
+    assert packet.crypto_backend() == "openssl+libsodium"
+
+
+_BASE_PROVIDER_ONLY = """openssl_conf = openssl_init
+[openssl_init]
+providers = provider_sect
+[provider_sect]
+base = base_sect
+[base_sect]
+activate = 1
+"""
+
+
+def test_without_openssls_algorithms_the_accelerator_stays_on_with_libsodium(
+    tmp_path: Path,
+) -> None:
+    """An OpenSSL that offers no ChaCha20/POLY1305 (a FIPS-only box, a restricted
+    OPENSSL_CONF: here only the base provider) must not turn the C path off and leave the
+    daemon ten times slower: every input then goes to libsodium, with the same bytes."""
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text(_BASE_PROVIDER_ONLY)
+    env = {**os.environ, "OPENSSL_CONF": str(conf)}
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from secureiod.secureio import _accel, _rxbatch, packet, rxbatch\n"
+            "print(_accel.OPENSSL, _rxbatch.OPENSSL, packet.ACCEL is _accel,"
+            " rxbatch.RXBATCH is not None, packet.crypto_backend())",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert probe.stdout.split() == ["False", "False", "True", "True", "libsodium"], probe.stderr[
+        -2000:
+    ]
+    root = Path(__file__).parent
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "not pure_python and not without_openssl and not built",
+            str(root / "test_accel.py"),
+            str(root / "test_rx_batch.py"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
 
 
 def test_blake3_matches_package() -> None:

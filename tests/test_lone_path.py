@@ -12,15 +12,17 @@ from __future__ import annotations
 import random
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from fakes import Tunnel, ipv4, ping4, two_sites
 
 from secureiod.daemon.peer import DATA_TYPE
+from secureiod.daemon.receive import ReceivePath
 from secureiod.secureio import MessageType
 from secureiod.secureio.errors import MalformedError, PayloadTooBigError
-from secureiod.secureio.events import MessageReceived
+from secureiod.secureio.events import MessageReceived, PathChanged, SessionState, StateChanged
 from secureiod.secureio.identity import Identity
 from secureiod.secureio.keyexchange import KeyExchangeOptions
 from secureiod.secureio.session import (
@@ -161,8 +163,7 @@ def test_seal_message_now_leaves_the_prober_deadline_to_the_general_path() -> No
     """A first large message gives the path prober a confirmation deadline: that moves
     ``get_timer`` earlier, which the caller must see, so it takes the general path."""
     a, _, now = _established()
-    if not a._prober.active:
-        pytest.skip("path MTU tracking is off by default")  # pragma: no cover
+    assert a._prober.active  # path MTU tracking is on by default: the case exists
     a._largest_sent = 0
     _declines(a, b"x" * 1000, now)
     # once as large a message went out, the same size changes no deadline
@@ -458,3 +459,34 @@ def test_what_the_session_refuses_is_counted_by_why_in_every_send_loop(
         tunnel.ping("a", "b", seq)
     tunnel.sim.run_for(0.1)
     assert peer.counters.drops[reason] == 21
+
+
+# -- drain and a failing handler --------------------------------------------------------------
+
+
+def test_events_after_a_failing_handler_stay_queued_for_the_next_drain() -> None:
+    """``drain`` takes the queue in one list: when a handler raises (the loop logs and
+    counts it), the events after it go back to the session, not away with the list."""
+    a, _, now = _established()
+    first = StateChanged(SessionState.ESTABLISHED, SessionState.ESTABLISHED)
+    second = PathChanged(("198.18.0.1", 1), ("198.18.0.9", 1))
+    a._events.extend([first, second])
+    seen: list[object] = []
+
+    def on_event(peer: object, ev: object, now: float) -> None:
+        seen.append(ev)
+        if len(seen) == 1:
+            raise RuntimeError("a handler bug")
+
+    rp = ReceivePath.__new__(ReceivePath)
+    rp.router = SimpleNamespace(lookup_source=lambda *args: None)  # type: ignore[assignment]
+    rp.tun = SimpleNamespace(vnet_hdr=False)  # type: ignore[assignment]
+    rp.on_event = on_event  # type: ignore[method-assign]
+    rp.on_caps = lambda *args: None  # type: ignore[method-assign]
+    peer = SimpleNamespace(session=a, counters=SimpleNamespace(drops={}))
+    with pytest.raises(RuntimeError):
+        rp.drain(peer, now)  # type: ignore[arg-type]
+    assert seen == [first]
+    rp.drain(peer, now + 1)  # type: ignore[arg-type]
+    assert seen == [first, second]
+    assert a.next_event() is None

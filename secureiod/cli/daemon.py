@@ -44,6 +44,7 @@ from ..notify import Notifier, watchdog_interval
 from ..paths import config_path as default_config_path
 from ..privileges import PrivilegeError, current_capabilities, drop_privileges
 from ..resolver import ThreadResolver, prefetch
+from ..secureio.packet import crypto_backend
 from ..tun import TunDevice, TunError
 from ..udp import UdpSocket
 from . import ArgumentParser
@@ -187,12 +188,19 @@ def _serve(
         _install_signal_handlers(loop, device)
         device.start(resolved)
         logger.info(
-            "%s up: listening on %s, %d peer(s), public key %s",
+            "%s up: listening on %s, %d peer(s), public key %s, crypto %s",
             tun.name,
             format_endpoint(udp.local_address),
             len(config.peers),
             config.identity.public_key,
+            crypto_backend(),
         )
+        if crypto_backend() != "openssl+libsodium":
+            logger.warning(
+                "crypto: %s only; the C accelerator with OpenSSL is several times faster"
+                " (see README, Crypto backend)",
+                crypto_backend(),
+            )
         loop.run(after_wakeup=device.after_wakeup)
         logger.info("stopping")
         notifier.stopping()

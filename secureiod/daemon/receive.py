@@ -124,37 +124,45 @@ class ReceivePath:
         drops = peer.counters.drops
         c = peer.counters
         while events:
-            for ev in events:
-                if type(ev) is not MessageReceived:
-                    self.on_event(peer, ev, now)
-                    continue
-                mtype = ev.type
-                payload = ev.payload
-                if mtype == _DATA:
-                    problem = inner_packet_problem(payload)
-                    if problem is not None:
-                        drops[problem] += 1
-                    elif source_owner(payload) is not peer:
-                        drops["source-not-allowed"] += 1
-                    elif tun.write_parts(ZERO_HDR, payload) if vnet else tun.write(payload):
-                        c.rx_packets += 1
-                        c.rx_bytes += len(payload)
-                    else:
-                        self.tun_write_errors += 1
-                elif mtype == VNET_TYPE:
-                    if not vnet or not header_acceptable(payload):
-                        drops["bad-offload-header"] += 1
-                    elif (problem := inner_packet_problem(payload, VNET_HDR_SIZE)) is not None:
-                        drops[problem] += 1
-                    elif source_owner(payload, VNET_HDR_SIZE) is not peer:
-                        drops["source-not-allowed"] += 1
-                    elif tun.write(payload):
-                        c.rx_packets += 1
-                        c.rx_bytes += len(payload) - VNET_HDR_SIZE
-                    else:
-                        self.tun_write_errors += 1
-                elif mtype == CAPS_TYPE:
-                    self.on_caps(peer, payload)
-                # KEEPALIVE_TYPE and unknown types: liveness only
+            done = 0
+            try:
+                for ev in events:
+                    done += 1
+                    if type(ev) is not MessageReceived:
+                        self.on_event(peer, ev, now)
+                        continue
+                    mtype = ev.type
+                    payload = ev.payload
+                    if mtype == _DATA:
+                        problem = inner_packet_problem(payload)
+                        if problem is not None:
+                            drops[problem] += 1
+                        elif source_owner(payload) is not peer:
+                            drops["source-not-allowed"] += 1
+                        elif tun.write_parts(ZERO_HDR, payload) if vnet else tun.write(payload):
+                            c.rx_packets += 1
+                            c.rx_bytes += len(payload)
+                        else:
+                            self.tun_write_errors += 1
+                    elif mtype == VNET_TYPE:
+                        if not vnet or not header_acceptable(payload):
+                            drops["bad-offload-header"] += 1
+                        elif (problem := inner_packet_problem(payload, VNET_HDR_SIZE)) is not None:
+                            drops[problem] += 1
+                        elif source_owner(payload, VNET_HDR_SIZE) is not peer:
+                            drops["source-not-allowed"] += 1
+                        elif tun.write(payload):
+                            c.rx_packets += 1
+                            c.rx_bytes += len(payload) - VNET_HDR_SIZE
+                        else:
+                            self.tun_write_errors += 1
+                    elif mtype == CAPS_TYPE:
+                        self.on_caps(peer, payload)
+                    # KEEPALIVE_TYPE and unknown types: liveness only
+            except BaseException:
+                # a handler failed (the loop logs it): the events after it stay queued
+                # for the next drain instead of being lost with this list
+                s.put_back_events(events[done:])
+                raise
             # what the handlers caused meanwhile (a state change's follow-ups), in order
             events = s.take_events()

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..endpoint import format_endpoint
 from ..secureio.events import SessionState
+from ..secureio.packet import crypto_backend
 from .peer import Peer
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ def device_status(device: Device, now: float) -> dict[str, Any]:
         "peers_total": len(device.peers),
         "peers_established": sum(1 for p in peers if p.state == SessionState.ESTABLISHED),
         "uptime": round(now - device.started_at, 3),
+        "crypto": crypto_backend(),
         "no_route": device.send.no_route,
         "unknown_source": demux.unknown_source,
         "identify_rate_limited": demux.rate_limited,

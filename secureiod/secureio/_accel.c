@@ -324,10 +324,15 @@ PyMODINIT_FUNC PyInit__accel(void) {
     POLY_XOR_PID = load64((const uint8_t *)"github.c");
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (algorithms_fetch(PyModule_GetState(m)) < 0) {
+    /* Without OpenSSL's ChaCha20 or POLY1305 (a FIPS-only or restricted OPENSSL_CONF)
+     * every input goes to libsodium: slower on long inputs, never off. */
+    int openssl = algorithms_fetch(PyModule_GetState(m)) == 0;
+    if (!openssl) {
+        algorithms_free(PyModule_GetState(m));
         ERR_clear_error();
-        Py_DECREF(m); /* module_free releases what was fetched */
-        PyErr_SetString(PyExc_ImportError, "OpenSSL has no ChaCha20 or POLY1305");
+    }
+    if (PyModule_AddObjectRef(m, "OPENSSL", openssl ? Py_True : Py_False) < 0) {
+        Py_DECREF(m);
         return NULL;
     }
     return m;

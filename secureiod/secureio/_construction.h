@@ -230,6 +230,10 @@ static void crypto_init(crypto_t *c, const algorithms_t *alg, int single) {
     c->alg = alg;
     c->chacha_min = single ? SINGLE_CHACHA_OSSL_MIN : CHACHA_OSSL_MIN;
     c->poly_min = single ? SINGLE_POLY_OSSL_MIN : POLY_OSSL_MIN;
+    if (alg->chacha20 == NULL || alg->poly1305 == NULL) { /* not fetched: libsodium only */
+        c->chacha_min = SIZE_MAX;
+        c->poly_min = SIZE_MAX;
+    }
 }
 
 static void crypto_release(crypto_t *c) {

@@ -61,6 +61,18 @@ def _load_accel() -> object | None:
 
 
 ACCEL: Final = _load_accel()
+
+
+def crypto_backend() -> str:
+    """What seals and opens packets in this process, for the start-up log and ``status``:
+    ``"openssl+libsodium"`` (the C path, OpenSSL for long inputs), ``"libsodium"`` (the C
+    path where OpenSSL offers no ChaCha20/POLY1305, e.g. a FIPS-only configuration: slower
+    on long inputs) or ``"python"`` (no C build, or ``SECUREIOD_PURE_PYTHON=1``: ~10x slower)."""
+    if ACCEL is None:
+        return "python"
+    return "openssl+libsodium" if getattr(ACCEL, "OPENSSL", False) else "libsodium"
+
+
 BATCH_SEAL: Final = (
     ACCEL is not None
     and hasattr(ACCEL, "seal_fragments")

@@ -828,6 +828,11 @@ class Session:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    def put_back_events(self, events: list[Event]) -> None:
+        """Return events taken with ``take_events`` but not handled (the caller's handler
+        failed part-way) to the front of the queue, in order, for the next call."""
+        self._events.extendleft(reversed(events))
+
     def take_events(self) -> list[Event]:
         """Every queued event, in order, at once (``next_event`` without a call per event,
         for a caller that delivers a packet's worth of small messages). Events that its
