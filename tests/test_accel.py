@@ -32,6 +32,20 @@ def _outcome(fn, *args):  # type: ignore[no-untyped-def]
     return (r.packet_id, r.packet_class, r.key_index, bytes(r.messages))
 
 
+def _pytest_passes(env: dict[str, str], *args: str) -> None:
+    """Run pytest on ``args`` in a fresh interpreter with ``env`` (the accelerator is
+    chosen at import): it must pass, and run something."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+
+
 def test_accelerator_is_built_where_make_test_runs() -> None:
     """CI installs libsodium-dev and libssl-dev: a silently missing build (or OpenSSL half)
     would hide a speed regression."""
@@ -76,26 +90,13 @@ def test_without_openssls_algorithms_the_accelerator_stays_on_with_libsodium(
         -2000:
     ]
     root = Path(__file__).parent
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-k",
-            "not pure_python and not without_openssl and not built",
-            str(root / "test_accel.py"),
-            str(root / "test_rx_batch.py"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    _pytest_passes(
+        env,
+        "-k",
+        "not pure_python and not without_openssl and not built",
+        str(root / "test_accel.py"),
+        str(root / "test_rx_batch.py"),
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout
 
 
 def test_blake3_matches_package() -> None:
@@ -148,25 +149,12 @@ def test_pure_python_path_passes_vectors_and_tamper_tests() -> None:
     """Run the byte-exact and tamper suites once more without the accelerator."""
     root = Path(__file__).parent
     env = {**os.environ, "SECUREIOD_PURE_PYTHON": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            str(root / "test_vectors.py"),
-            str(root / "test_tamper.py"),
-            str(root / "test_session.py"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    _pytest_passes(
+        env,
+        str(root / "test_vectors.py"),
+        str(root / "test_tamper.py"),
+        str(root / "test_session.py"),
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout
 
 
 @pytest.mark.parametrize("value", [-1, 1 << 64])

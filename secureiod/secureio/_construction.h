@@ -196,6 +196,32 @@ static void algorithms_free(algorithms_t *a) {
 }
 
 /*
+ * The module init both extensions share: libsodium, the PacketID constant, then the module
+ * with the OpenSSL algorithms as its state. Without OpenSSL's ChaCha20 or POLY1305 (a
+ * FIPS-only or restricted OPENSSL_CONF) every input goes to libsodium: slower on long
+ * inputs, never off; the module's OPENSSL attribute says which.
+ */
+static PyObject *construction_module(struct PyModuleDef *def) {
+    if (sodium_init() < 0) {
+        PyErr_SetString(PyExc_ImportError, "libsodium failed to initialise");
+        return NULL;
+    }
+    POLY_XOR_PID = load64((const uint8_t *)"github.c");
+    PyObject *m = PyModule_Create(def);
+    if (m == NULL) return NULL;
+    int openssl = algorithms_fetch(PyModule_GetState(m)) == 0;
+    if (!openssl) {
+        algorithms_free(PyModule_GetState(m));
+        ERR_clear_error();
+    }
+    if (PyModule_AddObjectRef(m, "OPENSSL", openssl ? Py_True : Py_False) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
+
+/*
  * Crossovers, in bytes of input, from which OpenSSL beats libsodium once its contexts
  * exist (bench/crypto_crossover.c: ChaCha20 at 128 B 216 ns against 282, Poly1305 at 192 B 165 against 197).
  * A one-packet call (seal, open) creates its contexts for that one packet (measured: 210 ns

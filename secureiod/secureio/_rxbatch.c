@@ -318,24 +318,4 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_rxbatch", NULL, sizeof(algorithms_t), methods, NULL, NULL, NULL,
     module_free};
 
-PyMODINIT_FUNC PyInit__rxbatch(void) {
-    if (sodium_init() < 0) {
-        PyErr_SetString(PyExc_ImportError, "libsodium failed to initialise");
-        return NULL;
-    }
-    POLY_XOR_PID = load64((const uint8_t *)"github.c");
-    PyObject *m = PyModule_Create(&module);
-    if (m == NULL) return NULL;
-    /* Without OpenSSL's ChaCha20 or POLY1305 (a FIPS-only or restricted OPENSSL_CONF)
-     * every input goes to libsodium: slower on long inputs, never off. */
-    int openssl = algorithms_fetch(PyModule_GetState(m)) == 0;
-    if (!openssl) {
-        algorithms_free(PyModule_GetState(m));
-        ERR_clear_error();
-    }
-    if (PyModule_AddObjectRef(m, "OPENSSL", openssl ? Py_True : Py_False) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
-}
+PyMODINIT_FUNC PyInit__rxbatch(void) { return construction_module(&module); }
