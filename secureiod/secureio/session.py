@@ -90,6 +90,7 @@ from .path import Address, same_path
 from .pmtu import CONFIRM_MIN_SIZE, PathMtuOptions, PathMtuStats, PathProber
 from .reassembly import Reassembler, fragment_message
 from .replay import ReplayWindow
+from .reservation import ReceiveReservation, Reservation, Settle, SettleReceive
 from .rxbatch import (
     MAX_RUN_DATAGRAMS,
     NOT_OPENED_MALFORMED,
@@ -257,6 +258,13 @@ class Session:
         self._unsent_for_no_endpoint = False
 
         self._next_pid = 1
+        self._reservation: tuple[int, Settle] | None = None
+        """The PacketID lent out (``reserve_message``) and how to take it back."""
+        self._receive_reservation: tuple[int, SettleReceive] | None = None
+        """The receipt lent out (``reserve_receive``): the window's newest PacketID then,
+        and how to take it back."""
+        self._lent = False
+        """Either is lent out: the one check every entry point makes."""
         self._out: list[bytes | tuple[bytes, int, int]] = []
         """Sealed datagrams in send order; a fragmented message sealed in one call is one
         ``(buffer, count, segment_size)`` run (``packet.seal_fragments``)."""
@@ -345,6 +353,8 @@ class Session:
     # -- inputs -----------------------------------------------------------------------
 
     def start(self, now: float) -> None:
+        if self._lent:
+            self._settle()
         if self.state != SessionState.NEW:
             return
         self._set_state(SessionState.KEY_EXCHANGING)
@@ -357,6 +367,8 @@ class Session:
         Emits no event: the caller already knows. ``None`` stops sending until the peer
         makes contact from an address the session can validate.
         """
+        if self._lent:
+            self._settle()
         self._endpoint = addr
 
     def receive_datagram(
@@ -364,6 +376,8 @@ class Session:
     ) -> None:
         """One datagram from ``addr``. It may move ``endpoint`` (``PathChanged``) only
         under the rules in the module docstring."""
+        if self._lent:
+            self._settle()
         state = self.state
         if state is _NEW or state is _CLOSED:
             self.stats.drop(DropReason.NOT_ACCEPTING)
@@ -466,6 +480,8 @@ class Session:
         shorter: one UDP GRO read), all from ``addr``: exactly what ``receive_datagram``
         of each in turn does (events, counters, endpoint), in fewer steps. A demultiplexer
         uses ``open_run`` and ``receive_group`` instead, to keep its say per datagram."""
+        if self._lent:
+            self._settle()
         plan = self.open_run(data, segment_size)
         if plan is None:
             for datagram in split_run(data, segment_size):
@@ -480,6 +496,8 @@ class Session:
         """Open a run of datagrams under the current keys (one C call, ``rxbatch.py``),
         changing nothing yet; ``None`` when there is no batch path or nothing to gain
         (one datagram, a session not accepting): feed the datagrams one by one."""
+        if self._lent:
+            self._settle()
         if (
             RXBATCH is None
             or segment_size <= 0
@@ -500,6 +518,8 @@ class Session:
         False, with nothing changed, when they must go through ``receive_datagram`` after
         all: they did not open, the keys changed since ``open_run``, or anything but the
         steady state (a new address, a key slot being watched, an out-of-order span)."""
+        if self._lent:
+            self._settle()
         if (
             type(group) is int
             or self._kx.keys_version != plan.keys_version
@@ -595,6 +615,8 @@ class Session:
         fragmentation is off, ``QueueFullError`` when too much waits for establishment and
         ``SessionClosedError`` after ``close``.
         """
+        if self._lent:
+            self._settle()
         state = self.state
         if state is _CLOSING or state is _CLOSED:
             raise SessionClosedError("session is closed")
@@ -628,26 +650,39 @@ class Session:
         endpoint, an internal type, a payload above the packet size, or a size that would
         give the path prober a confirmation deadline (``get_timer`` must not move earlier
         behind the caller's back). The caller then calls ``write_message`` as usual."""
+        if self._lent:
+            self._settle()
         size = len(payload)
+        lone = self._lone_limit(message_type)
+        if lone is None or size > lone[1]:
+            return None
+        key = lone[0]
+        self.stats.tx_messages += 1
+        if size > self._largest_sent:
+            self._largest_sent = size
+        self._seal(key, MESSAGE_HEADER.pack(message_type, size, _CONF) + payload, now)
+        return self._out.pop(), self._endpoint
+
+    def _lone_limit(self, message_type: int) -> tuple[PacketKey, int] | None:
+        """The key and the largest payload (bytes) one message of ``message_type`` may
+        have to be sealed on its own now, with nothing else changing; ``None`` when the
+        general path has more to do (see ``seal_message_now``). A size above the largest
+        sent would give an active path prober a confirmation deadline."""
         if (
             self.state is not _ESTABLISHED
             or self._batch
             or self._out
             or self._queued
             or self._endpoint is None
-            or size > self.payload_size
             or message_type in (_KX, _NEG)
-            or (size > self._largest_sent and size > CONFIRM_MIN_SIZE and self._prober.active)
         ):
             return None
         key = self._kx.send_key
         if key is None:
             return None
-        self.stats.tx_messages += 1
-        if size > self._largest_sent:
-            self._largest_sent = size
-        self._seal(key, MESSAGE_HEADER.pack(message_type, size, _CONF) + payload, now)
-        return self._out.pop(), self._endpoint
+        if self._prober.active:
+            return key, min(self.payload_size, max(self._largest_sent, CONFIRM_MIN_SIZE))
+        return key, self.payload_size
 
     def take_lone_message(self) -> MessageReceived | None:
         """After an input, when its only outcome is one message to deliver: that message,
@@ -668,12 +703,137 @@ class Session:
         events.clear()
         return ev
 
+    def reserve_message(self, message_type: int, settle: Settle) -> Reservation | None:
+        """Lend the next PacketID to an executor outside the session (the daemon's C
+        lone-packet hop) for at most one message of ``message_type``, sealed exactly as
+        ``seal_message_now`` would seal it: the same key, flags, endpoint and size rule,
+        so the datagram is the one the session would have made itself.
+
+        ``None``, changing nothing, whenever ``seal_message_now`` would refuse any size:
+        not established, anything batched, queued or waiting to go out, no endpoint, an
+        internal type. Otherwise the PacketID stays lent until it is settled: every method
+        that seals, receives, times or closes first calls ``settle()``, which disarms the
+        executor and returns what it sent (``ReservationUse``, counted as if this session
+        had sent it: statistics, ``last_sent``, the largest size sent) or ``None`` when
+        the PacketID certainly never went out (it is then reused). A PacketID is never
+        used twice, whatever the executor does in between. ``settle_reservation`` settles
+        on demand (the daemon: right after each wait, for the reservations used)."""
+        if self._reservation is not None:  # its own only: a lent receipt stays lent
+            self._settle_send()
+        lone = self._lone_limit(message_type)
+        if lone is None:
+            return None
+        key, max_payload = lone
+        pid = self._next_pid
+        self._next_pid = pid + 1
+        self._reservation = (pid, settle)
+        self._lent = True
+        return Reservation(
+            key, pid, self._pid_mask, message_type, _CONF, max_payload, self._endpoint
+        )
+
+    def reserve_receive(
+        self, message_type: int, settle: SettleReceive
+    ) -> ReceiveReservation | None:
+        """Lend the receipt of one datagram to an executor outside the session (the
+        daemon's C lone-packet hop): one session packet from ``endpoint``, under one of
+        the current receive keys, with a PacketID above every one seen so far, carrying
+        exactly one whole message of ``message_type``. That is the steady state, where
+        ``receive_datagram`` only moves the window, the counters and ``last_received`` and
+        queues the message; the executor delivers the message itself, and must leave
+        every other datagram to ``receive_datagram`` untouched.
+
+        ``None``, changing nothing, unless established with an endpoint and nothing
+        pending (a key slot being watched, a sub-machine update due). Settled like
+        ``reserve_message``: every method that receives, seals, times or closes first
+        calls ``settle()``, which disarms the executor and returns what it received
+        (``ReceiveUse``, counted as ``receive_datagram`` counts it) or ``None``."""
+        if self._receive_reservation is not None:  # its own only: a lent PacketID stays
+            self._settle_receive()
+        kx = self._kx
+        if (
+            self.state is not _ESTABLISHED
+            or self._endpoint is None
+            or kx.watching
+            or self._needs_update
+            or message_type in (_KX, _NEG)
+        ):
+            return None
+        if kx.keys_version != self._ring_version:
+            self._ring = KeyRing([*kx.recv_keys, self._fallback])
+            self._ring_version = kx.keys_version
+        keys = tuple(
+            pair
+            for key, pair in zip(self._ring.keys, self._ring.pairs, strict=True)
+            if key.packet_class is _SESSION_CLASS
+        )
+        if not keys:
+            return None
+        latest = self._replay.latest
+        self._receive_reservation = (latest, settle)
+        self._lent = True
+        return ReceiveReservation(keys, self._pid_mask, latest, message_type, _CONF, self._endpoint)
+
+    def settle_reservation(self) -> None:
+        """Take back now whatever is lent (``reserve_message``, ``reserve_receive``)."""
+        if self._lent:
+            self._settle()
+
+    def _settle(self) -> None:
+        if self._receive_reservation is not None:
+            self._settle_receive()
+        if self._reservation is not None:
+            self._settle_send()
+
+    def _settle_send(self) -> None:
+        pid, settle = self._reservation  # type: ignore[misc]
+        # cleared first: if settle() raises, the PacketID counts as used (never reused)
+        self._reservation = None
+        self._lent = self._receive_reservation is not None
+        use = settle()
+        if use is None:
+            if self._next_pid == pid + 1:
+                self._next_pid = pid
+            return
+        stats = self.stats
+        stats.tx_messages += 1
+        stats.tx_packets += 1
+        stats.tx_bytes += use.datagram_size
+        if self.last_sent is None or use.sent_at > self.last_sent:
+            self.last_sent = use.sent_at
+        if use.payload_size > self._largest_sent:
+            self._largest_sent = use.payload_size
+
+    def _settle_receive(self) -> None:
+        latest, settle = self._receive_reservation  # type: ignore[misc]
+        self._receive_reservation = None
+        self._lent = self._reservation is not None
+        use = settle()
+        if use is None:
+            return
+        stats = self.stats
+        # above every PacketID seen when lent, and nothing was received since: accepted
+        if use.packet_id <= latest or not self._replay.accept(use.packet_id):
+            stats.drop(DropReason.REPLAY)  # an executor that broke the rules: counted
+            return
+        self._heard_session_packet = True
+        self._decrypt_failures = 0
+        if self.last_received is None or use.received_at > self.last_received:
+            self.last_received = use.received_at
+        stats.rx_packets += 1
+        stats.rx_bytes += use.datagram_size
+        stats.rx_messages += 1
+
     def flush(self, now: float) -> None:
         """Send the aggregated batch now: an I/O loop calls this when its input runs dry."""
+        if self._lent:
+            self._settle()
         if self._batch:
             self._flush_batch(now)
 
     def handle_timer(self, now: float) -> None:
+        if self._lent:
+            self._settle()
         if self.state == SessionState.CLOSED:
             return
         if self._batch_deadline is not None and now >= self._batch_deadline:
@@ -704,6 +864,8 @@ class Session:
         size: whole when they fit, re-fragmented when fragmentation is on, else dropped and
         counted as ``send-too-big`` (as they are when ``datagram`` is not given).
         """
+        if self._lent:
+            self._settle()
         if self.state in (SessionState.CLOSING, SessionState.CLOSED):
             return
         size = datagram_size - PACKET_OVERHEAD
@@ -741,6 +903,8 @@ class Session:
         payload bytes fit one datagram. Below the current size it applies at once; above
         it (a learned path MTU expired, a wider route) the session tries to raise its size.
         """
+        if self._lent:
+            self._settle()
         if self.state != SessionState.ESTABLISHED or self._negotiating_probe_sizes:
             return
         self._prober.path_limit(limit, now)
@@ -749,6 +913,8 @@ class Session:
     def close(self, now: float, reason: str = "closed by application") -> None:
         """Flush what is batched, then stop; nothing is sent to the peer (there is no close
         message in the protocol)."""
+        if self._lent:
+            self._settle()
         if self.state in (SessionState.CLOSING, SessionState.CLOSED):
             return
         self._set_state(SessionState.CLOSING)
@@ -775,6 +941,8 @@ class Session:
         """``datagrams_to_send`` in the batch form: the same datagrams in the same order,
         a fragmented message as one run in one buffer (one UDP GSO ``sendmsg``, no join),
         every other datagram as a run of one."""
+        if self._lent:
+            self._settle()
         deadline = self._batch_deadline
         if deadline is not None and now >= deadline:
             self._flush_batch(now)
