@@ -25,5 +25,13 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         ),
+        Extension(
+            "secureiod.daemon._fastpath",
+            ["secureiod/daemon/_fastpath.c"],
+            depends=["secureiod/secureio/_construction.h"],
+            libraries=["sodium", "crypto"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        ),
     ]
 )

@@ -72,18 +72,10 @@ static PyObject *accel_seal(PyObject *self, PyObject *args) {
         return NULL;
     }
     uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
-    uint8_t pk[32], pid8[8];
     crypto_t c;
     crypto_init(&c, PyModule_GetState(self), 1);
-    poly_key(ms, pid, pk);
-    store64(o, pid ^ mask);
-    store64(pid8, pid);
-    store32(o + 8 + 32, (uint32_t)msg.len);
-    crypto_onetimeauth_poly1305(o + 8, o + 8 + 32, 4, pk);
-    int rc = poly1305(&c, o + 8 + 16, (const uint8_t *)msg.buf, (size_t)msg.len, pk);
     memcpy(o + HEADER, msg.buf, msg.len);
-    if (rc == 0 && sk != NULL) rc = chacha20_xor_ic(&c, o + 8, o + 8, HEAD_PLAIN + msg.len, pid8, 0, sk);
-    sodium_memzero(pk, sizeof pk);
+    int rc = seal_in_place(&c, o, (size_t)msg.len, sk, ms, pid, mask);
     PyBuffer_Release(&msg);
     crypto_release(&c);
     if (rc < 0) {
