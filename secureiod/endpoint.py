@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
 from typing import Final
 
 __all__ = ["Address", "format_endpoint", "parse_endpoint", "resolve_endpoint"]
@@ -111,3 +112,28 @@ def literal_sockaddr(host: str, port: int, family: int) -> Address | None:
     if ip.version == 6:
         return None
     return (str(ip), port)
+
+
+_SOCKADDR_IN: Final = struct.Struct("=H2s4s8x")
+_SOCKADDR_IN6: Final = struct.Struct("=H2sI16sI")
+
+
+def pack_sockaddr(address: Address, family: int) -> bytes:
+    """``address`` as the kernel's ``struct sockaddr_in`` (16 bytes) or ``sockaddr_in6``
+    (28 bytes) for a socket of ``family``: what C code hands to ``sendto`` (the daemon's
+    lone-packet hop). ``ValueError`` for an address that is not an IP literal of that
+    family (the hop is then not used; Python's ``sendto`` takes the same tuples)."""
+    host, port = address[0], address[1]
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0..65535")
+    if family == socket.AF_INET:
+        raw4 = ipaddress.IPv4Address(host).packed
+        return _SOCKADDR_IN.pack(socket.AF_INET, port.to_bytes(2, "big"), raw4)
+    if family == socket.AF_INET6:
+        flowinfo = address[2] if len(address) > 2 else 0  # type: ignore[misc]
+        scope_id = address[3] if len(address) > 3 else 0  # type: ignore[misc]
+        raw = ipaddress.IPv6Address(host.split("%", 1)[0]).packed
+        return _SOCKADDR_IN6.pack(
+            socket.AF_INET6, port.to_bytes(2, "big"), socket.htonl(flowinfo), raw, scope_id
+        )
+    raise ValueError(f"address family {family} is neither AF_INET nor AF_INET6")

@@ -461,6 +461,24 @@ class UdpSocket:
         stats.tx_bytes += len(data)
         return SendResult.SENT
 
+    def note_sent(self, size: int) -> None:
+        """A datagram of ``size`` bytes that left this socket by another way (the
+        daemon's C lone-packet hop), counted as ``send`` counts its own."""
+        stats = self.stats
+        stats.tx_datagrams += 1
+        stats.tx_bytes += size
+
+    def note_received(self, datagrams: int, size: int) -> None:
+        """Datagrams read from this socket by another way (the C lone-packet hop)."""
+        stats = self.stats
+        stats.rx_datagrams += datagrams
+        stats.rx_bytes += size
+
+    def note_send_error(self, code: int) -> SendResult:
+        """``sendto`` failed with errno ``code`` elsewhere (the C lone-packet hop):
+        counted and classified exactly as ``send`` classifies its own failures."""
+        return self._send_failed(OSError(code, os.strerror(code)))
+
     def _send_failed(self, exc: OSError) -> SendResult:
         code = exc.errno
         stats = self.stats

@@ -33,6 +33,7 @@ from ..daemon.capture import capture_warnings, read_host_routes
 from ..daemon.device import Device
 from ..daemon.dns import Resolvectl
 from ..daemon.ledger import Ledger, LedgerError, LedgerFile, record_path
+from ..daemon.lone import load_fastpath
 from ..daemon.loop import EventLoop, SystemClock
 from ..daemon.owned import undo_leftovers
 from ..daemon.policy import MODE_AUTO, RoutingPlan, decide_plan
@@ -186,14 +187,18 @@ def _serve(
         if require_unprivileged:
             _check_unprivileged()
         _install_signal_handlers(loop, device)
+        fastpath = load_fastpath()
+        if fastpath is not None:
+            device.use_lone_hop(fastpath)
         device.start(resolved)
         logger.info(
-            "%s up: listening on %s, %d peer(s), public key %s, crypto %s",
+            "%s up: listening on %s, %d peer(s), public key %s, crypto %s, lone hop %s",
             tun.name,
             format_endpoint(udp.local_address),
             len(config.peers),
             config.identity.public_key,
             crypto_backend(),
+            "C" if fastpath is not None else "Python",
         )
         if crypto_backend() != "openssl+libsodium":
             logger.warning(

@@ -62,10 +62,14 @@ class AllowedIPs(Generic[T]):
         self._v4: _Table[T] = _Table(32)
         self._v6: _Table[T] = _Table(128)
         self._entries: dict[Network, T] = {}
+        self.generation = 0
+        """Bumped by every change: a cache of lookups (the C lone-packet hop's
+        destinations) is valid while it stays the same."""
 
     def insert(self, network: Network, value: T) -> None:
         self._table(network).insert(network, value)
         self._entries[network] = value
+        self.generation += 1
 
     def insert_all(self, networks: Iterable[Network], value: T) -> None:
         for n in networks:
@@ -75,6 +79,7 @@ class AllowedIPs(Generic[T]):
         for network in [n for n, v in self._entries.items() if v is value]:
             self._table(network).remove(network)
             del self._entries[network]
+            self.generation += 1
 
     def entries(self) -> dict[Network, T]:
         return dict(self._entries)

@@ -22,6 +22,7 @@ from .allowed_ips import AllowedIPs
 from .control import ControlServer
 from .gate import CommandGate
 from .lifecycle import Lifecycle
+from .lone import LoneHop
 from .metrics import Metrics
 from .offload import LOSS_CHECK_INTERVAL, OffloadCaps
 from .peer import Peer
@@ -123,6 +124,23 @@ class Device:
         )
         self.started_at = clock.monotonic()
         self._status_text = ""
+        self.lone: LoneHop | None = None
+
+    def use_lone_hop(self, module: Any) -> None:
+        """Serve lone packets from C inside the loop's wait (``lone.py``); ``module`` is
+        ``lone.load_fastpath()``. Only for the real TUN, socket and ``EventLoop``."""
+        loop_fd: int = self.loop.fileno()  # type: ignore[attr-defined]
+        hop = LoneHop(
+            module,
+            loop_fd,
+            self.tun,
+            self.udp,
+            self.send,
+            self.receive,
+            self.router,  # type: ignore[arg-type]
+        )
+        hop.attach(self.loop)
+        self.lone = hop
 
     @property
     def config(self) -> Config:
@@ -195,6 +213,8 @@ class Device:
                 lifecycle.after_activity(peer, now)
         if dirty:  # still more to do: come back at once rather than sleep on it
             self.loop.call_at(now, lambda _now: None)
+        elif self.lone is not None:
+            self.lone.rearm(now)
 
     def _check_offload(self, now: float) -> None:
         self.offload.check_loss(self.peers.values(), now)

@@ -95,6 +95,8 @@ class EventLoop:
         self._timers: list[Timer] = []
         self._pending: deque[Callback] = deque()
         self._running = False
+        self._wait: Callable[[float, int], list[tuple[int, int]]] | None = None
+        self._after_wait: Callback | None = None
         self.callback_failures = 0
         """Callbacks that raised (each logged, rate-limited, and survived)."""
         self.wakeups = 0
@@ -108,6 +110,20 @@ class EventLoop:
         self._wake_fd = self._wake_r.fileno()
         self._epoll.register(self._wake_fd, _IN)
         self._registered[self._wake_fd] = _IN
+
+    def fileno(self) -> int:
+        """The epoll descriptor (for ``use_waiter``'s C waiter)."""
+        return self._epoll.fileno()
+
+    def use_waiter(
+        self, wait: Callable[[float, int], list[tuple[int, int]]], after_wait: Callback
+    ) -> None:
+        """Wait with ``wait(timeout, maxevents)`` instead of ``epoll.poll`` on ``fileno()``
+        (same arguments and result; the daemon's C lone-packet hop, ``lone.py``, which may
+        send a packet itself while it waits), and call ``after_wait(now)`` after every
+        wait, before any callback: it takes in what the waiter did meanwhile."""
+        self._wait = wait
+        self._after_wait = after_wait
 
     # -- registration -------------------------------------------------------------------
 
@@ -192,7 +208,8 @@ class EventLoop:
         while they run is served on the next pass, which does not sleep). A second read
         before the wait, only when a timer is pending, sizes the sleep."""
         self._running = True
-        poll = self._epoll.poll
+        poll = self._wait if self._wait is not None else self._epoll.poll
+        after_wait = self._after_wait
         registered = self._registered
         wake_fd = self._wake_fd
         clock = self.clock
@@ -211,6 +228,11 @@ class EventLoop:
             ready = poll(timeout, len(registered))
             self.wakeups += 1
             now = clock()
+            if after_wait is not None:
+                try:
+                    after_wait(now)
+                except Exception as exc:
+                    self._failed(after_wait, exc, now)
             for fd, events in ready:
                 if events & _READ_READY:
                     cb = readers.get(fd)

@@ -177,6 +177,9 @@ class Peer:
         instead of signing key exchanges every second that can go nowhere."""
         endpoint = self.endpoint
         self.dormant = False
+        if self.session is not None:
+            # what it lent (the C lone hop's lane, ``lone.py``) must not outlive it
+            self.session.settle_reservation()
         self.session = Session(
             self.identity,
             self.config.public_key,

@@ -48,6 +48,12 @@ class ReceivePath:
         self.on_caps = on_caps
         self.on_event = on_event
         self.tun_write_errors = 0
+        self.take_pending: Callable[[], tuple[bytes, int, Address] | None] | None = None
+        """The datagram the C lone-packet hop read but left to us (``lone.py``): (data,
+        segment size, source), served before reading more."""
+        self.on_lone_received: Callable[[Peer, bytes], None] | None = None
+        """(peer, IP packet) after ``_receive_lone`` delivered a packet itself: the hop
+        may learn its source."""
         self._recv_runs = udp.recv_runs if RXBATCH is not None else None
         """Reads as runs (one per GRO read, opened in one C call: ``secureio/rxbatch.py``);
         ``None`` (no extension, ``SECUREIOD_NO_BATCH=1``): datagram by datagram."""
@@ -56,6 +62,16 @@ class ReceivePath:
         receive = self.demux.receive_datagram
         dirty = self.dirty
         batch = self.batch
+        if self.take_pending is not None and (pending := self.take_pending()) is not None:
+            batch.on_wake(now)
+            data, segment, addr = pending
+            if segment >= len(data):
+                batch.note(1)
+                self._receive_lone(data, addr, now)
+            else:
+                batch.note(-(-len(data) // segment))
+                dirty.update(self.demux.receive_run(data, segment, addr, now))
+            return
         if self._recv_runs is not None:
             runs = self._recv_runs(batch.on_wake(now))
             if len(runs) == 1 and runs[0][1] >= len(runs[0][0]):
@@ -105,6 +121,8 @@ class ReceivePath:
             and (ev := s.take_lone_message()) is not None
         ):
             self.drain(peer, now, ev)
+            if self.on_lone_received is not None and ev.type == _DATA:
+                self.on_lone_received(peer, ev.payload)
             return
         self.dirty.add(peer)
 

@@ -105,6 +105,12 @@ class SendPath:
         self.path_limit: Callable[[Address, int, float], int | None] | None = None
         """(address, refused datagram size, now) -> the largest payload the kernel sends
         there now: set by the lifecycle (``pmtu.PathMtu.kernel_limit``)."""
+        self.take_pending: Callable[[], bytes | None] | None = None
+        """The packet the C lone-packet hop read from the TUN but left to us (``lone.py``),
+        served before reading more."""
+        self.on_lone_sent: Callable[[Peer, bytes, int], None] | None = None
+        """(peer, buffer, offset of the IP packet) after ``_send_lone`` sent a packet
+        itself: the hop learns the destination and arms the peer's lane."""
 
     def on_tun(self, now: float) -> None:
         lookup = self.router.lookup_destination
@@ -112,8 +118,10 @@ class SendPath:
         write = self.write
         batch = self.batch
         size = batch.on_wake(now)
+        take_pending = self.take_pending
+        pending = take_pending() if take_pending is not None else None
         if not self.tun.vnet_hdr:
-            packets = self.tun.read_batch(size)
+            packets = [pending] if pending is not None else self.tun.read_batch(size)
             batch.note(len(packets))
             if len(packets) == 1:
                 self._send_lone(packets[0], 0, now)
@@ -140,13 +148,11 @@ class SendPath:
                     c.tx_bytes += len(packet)
                 dirty.add(peer)
             return
-        bufs = self.tun.read_batch(size, MAX_SEGMENT)
+        bufs = [pending] if pending is not None else self.tun.read_batch(size, MAX_SEGMENT)
         batch.note(len(bufs))
-        if len(bufs) == 1:
-            buf = bufs[0]
-            if len(buf) > VNET_HDR_SIZE and buf[0] == 0 and buf[1] == 0:
-                self._send_lone(buf, VNET_HDR_SIZE, now)
-                return
+        if len(bufs) == 1 and len(bufs[0]) > VNET_HDR_SIZE:
+            self._send_lone(bufs[0], VNET_HDR_SIZE, now)
+            return
         for buf in bufs:
             peer = lookup(buf, VNET_HDR_SIZE)
             if peer is None:
@@ -166,38 +172,51 @@ class SendPath:
             dirty.add(peer)
 
     def _send_lone(self, buf: bytes, offset: int, now: float) -> None:
-        """The only packet of this wake-up, a plain IP packet at ``offset`` of ``buf``
-        (after a virtio-net header with no offload work). When the session can seal it at
-        once (``seal_message_now``: nothing else pending, the same datagram the batch path
-        would make) it goes out now, and the peer stays out of the wake-up's flush:
-        nothing else of it is due and only its keepalive moved, later. Otherwise it takes
-        the general path."""
+        """The only packet of this wake-up: an IP packet at ``offset`` of ``buf``, after a
+        virtio-net header when ``offset`` is its size. A header with no offload work goes
+        as a plain packet; one with work (a TCP ACK whose checksum the kernel left to us)
+        goes whole, as the general loop sends it, to a peer that takes such headers. When
+        the session can seal it at once (``seal_message_now``: nothing else pending, the
+        same datagram the batch path would make) it goes out now, and the peer stays out of
+        the wake-up's flush: nothing else of it is due and only its keepalive moved,
+        later. Otherwise it takes the general path."""
         peer = self.router.lookup_destination(buf, offset)
         if peer is None:
             self.no_route += 1
             return
-        payload = buf[offset:] if offset else buf
+        if not offset or (buf[0] == 0 and buf[1] == 0):
+            mtype = DATA_TYPE
+            payload = buf[offset:] if offset else buf
+        elif peer.offload.remote_caps & CAP_VNET:
+            mtype = VNET_TYPE
+            payload = buf
+        else:
+            peer.counters.drops["offload-unsupported"] += 1
+            return
+        size = len(buf) - offset
         s = peer.session
         sealed = (
-            s.seal_message_now(DATA_TYPE, payload, now)
+            s.seal_message_now(mtype, payload, now)
             if s is not None and peer.timer is not None and peer not in self.dirty
             else None
         )
         if sealed is None:
-            if self.write(peer, DATA_TYPE, payload, now):
+            if self.write(peer, mtype, payload, now):
                 c = peer.counters
                 c.tx_packets += 1
-                c.tx_bytes += len(payload)
+                c.tx_bytes += size
             self.dirty.add(peer)
             return
         c = peer.counters
         c.tx_packets += 1
-        c.tx_bytes += len(payload)
+        c.tx_bytes += size
         datagram, addr = sealed
         failures = self.udp.send_batch((datagram,), addr)
         if failures:
-            self._failed(peer, failures, addr, now)
+            self.not_sent(peer, failures, addr, now)
             self.dirty.add(peer)  # a too-big datagram left the session work to send
+        elif self.on_lone_sent is not None and mtype == DATA_TYPE:
+            self.on_lone_sent(peer, buf, offset)
 
     def write(self, peer: Peer, mtype: int, payload: bytes | memoryview, now: float) -> bool:
         """Hand one message to the peer's session; True if it goes out now (counted as
@@ -249,18 +268,18 @@ class SendPath:
             lone_addr = runs[0].address
             for run in runs:
                 if lone and (run.count > 1 or run.address != lone_addr):
-                    self._failed(peer, udp.send_batch(lone, lone_addr), lone_addr, now)
+                    self.not_sent(peer, udp.send_batch(lone, lone_addr), lone_addr, now)
                     lone = []
                 if run.count == 1:
                     lone.append(run.buffer)
                     lone_addr = run.address
                 else:
                     failures = udp.send_run(run.buffer, run.segment_size, run.address)
-                    self._failed(peer, failures, run.address, now)
+                    self.not_sent(peer, failures, run.address, now)
             if lone:
-                self._failed(peer, udp.send_batch(lone, lone_addr), lone_addr, now)
+                self.not_sent(peer, udp.send_batch(lone, lone_addr), lone_addr, now)
 
-    def _failed(
+    def not_sent(
         self, peer: Peer, failures: list[tuple[bytes, SendResult]], addr: Address, now: float
     ) -> None:
         """Datagrams the socket did not send: a too-big one goes back to the session

@@ -45,6 +45,8 @@ def device_status(device: Device, now: float) -> dict[str, Any]:
         "peers_established": sum(1 for p in peers if p.state == SessionState.ESTABLISHED),
         "uptime": round(now - device.started_at, 3),
         "crypto": crypto_backend(),
+        # None: lone packets take the Python path (no C build, or switched off)
+        "lone_hop": device.lone.status() if device.lone is not None else None,
         "no_route": device.send.no_route,
         "unknown_source": demux.unknown_source,
         "identify_rate_limited": demux.rate_limited,
