@@ -239,6 +239,18 @@ class TunDevice:
         stats.bytes_written += written
         return True
 
+    def note_written(self, size: int) -> None:
+        """A packet of ``size`` bytes written by another way (the daemon's C lone-packet
+        hop), counted as ``write`` counts its own."""
+        stats = self.stats
+        stats.packets_written += 1
+        stats.bytes_written += size
+
+    def note_write_error(self, code: int) -> None:
+        """A write that failed with errno ``code`` elsewhere (the C lone-packet hop):
+        counted, and logged once per kind, as ``write`` does."""
+        self._count(self.stats.write_errors, "write", OSError(code, os.strerror(code)))
+
     def write_batch(self, packets: Iterable[bytes | bytearray | memoryview]) -> int:
         """Write every packet (a refused one does not stop the rest); returns how many
         the kernel accepted."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import select
 import signal
 import socket
@@ -25,16 +24,14 @@ from dataclasses import dataclass
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.poly1305 import Poly1305
+from test_lone_path import _established
 
 from secureiod.daemon import _fastpath
 from secureiod.daemon.peer import DATA_TYPE
 from secureiod.secureio import packet
 from secureiod.secureio.constants import MESSAGE_FLAG_FRAGMENTED
-from secureiod.secureio.identity import Identity
-from secureiod.secureio.keyexchange import KeyExchangeOptions
 from secureiod.secureio.packet import PacketKey
 from secureiod.secureio.reservation import ReceiveUse
-from secureiod.secureio.session import Session, SessionOptions
 from secureiod.secureio.wire import MESSAGE_HEADER
 
 IN = select.EPOLLIN
@@ -882,7 +879,7 @@ def test_a_dual_stack_socket_hands_back_and_delivers_ipv4_mapped_peers() -> None
 def test_receive_hop_with_an_established_session_pair(rx: RxRig) -> None:
     """What Session.seal_message_now makes, armed with what Session.reserve_receive lends,
     is delivered, and the session settles it as received."""
-    a, b, now = established()
+    a, b, now = _established()
     pkt = inner4(payload=b"echo" * 10)
     lane = _fastpath.Lane()
 
@@ -930,45 +927,6 @@ def test_receive_hop_with_an_established_session_pair(rx: RxRig) -> None:
     assert lane.receive_armed
     b.settle_reservation()
     assert not lane.receive_armed
-
-
-def established() -> tuple[Session, Session, float]:
-    """Two sessions established with each other (as tests/test_lone_path.py builds them)."""
-    ids = Identity.from_seed(bytes(range(32))), Identity.from_seed(bytes(range(32, 64)))
-    addrs = ("198.18.0.1", 5800), ("198.18.0.2", 5800)
-    opt = SessionOptions(key_exchange=KeyExchangeOptions(key_update_interval=3.0))
-    a, b = (
-        Session(
-            ids[i],
-            ids[1 - i].public_key,
-            created_at_ns=1_700_000_000_000_000_000 + i,
-            options=opt,
-            random=random.Random(i).randbytes,
-            endpoint=addrs[1 - i],
-        )
-        for i in (0, 1)
-    )
-    now = 1000.0
-    a.start(now)
-    b.start(now)
-    for _ in range(40):
-        a.flush(now)
-        b.flush(now)
-        for d, _ in a.datagrams_to_send(now):
-            b.receive_datagram(d, addrs[0], now)
-        for d, _ in b.datagrams_to_send(now):
-            a.receive_datagram(d, addrs[1], now)
-        now += 0.05
-        a.handle_timer(now)
-        b.handle_timer(now)
-    assert a.is_established and b.is_established
-    for s in (a, b):
-        s.flush(now)
-        assert not s.datagrams_to_send(now)
-        while s.next_event() is not None:
-            pass
-        s.take_lone_message()
-    return a, b, now
 
 
 # --- what the receive hop hands back ------------------------------------------------------
@@ -1419,3 +1377,29 @@ def test_a_request_and_its_reply_take_one_wait(rx: RxRig) -> None:
     assert got is not None and got[0] == LATEST + 1 and got[2] == len(sent) and got[4] == 0
     result = lane.take_result()
     assert result is not None and result[0] == pid and result[4] == 0
+
+
+def test_after_a_receive_the_wait_goes_on_only_briefly(rx: RxRig) -> None:
+    """No answer comes: the wait returns within a few milliseconds of the delivery (so
+    Python settles the counters and ``last_received``), not at its timeout."""
+    rx_key, tx_key = KEYS["session"](), KEYS["session"]()
+    lane = routed_lane(rx, [rx_key])
+    lane.arm(tx_key.stream_key, tx_key.mac_seed, 5, 0, MTYPE, FLAGS, 1420, sockaddr(rx.peer_addr))
+    rx.send(packet.seal(rx_key, LATEST + 1, messages(inner4())))
+    start = time.monotonic()
+    assert rx.fp.wait(5.0, 8) == []
+    assert time.monotonic() - start < 0.5
+    assert lane.take_receive_result() is not None and lane.armed  # the send half unused
+    assert rx.delivered() == inner4()
+
+
+def test_a_coalesced_read_counts_every_datagram_as_recv_runs_does(rx: RxRig) -> None:
+    key = KEYS["session"]()
+    routed_lane(rx, [key])
+    rx.peer.setsockopt(socket.SOL_UDP, 103, 500)  # UDP_SEGMENT: one send, three datagrams
+    rx.udp.setsockopt(socket.SOL_UDP, 104, 1)  # UDP_GRO
+    rx.send(bytes(1200))
+    assert rx.fp.wait(1.0, 8) == [(rx.udp_fd, IN)]
+    data, segment, _ = rx.fp.take_pending_datagram()
+    assert (len(data), segment) == (1200, 500)
+    assert rx.fp.take_udp_reads() == (3, 1200)

@@ -1,26 +1,28 @@
 /*
- * secureiod.daemon._fastpath: the lone packet's hop from TUN to UDP inside the event
- * loop's wait, without returning to Python.
+ * secureiod.daemon._fastpath: the lone packet's hop inside the event loop's wait, TUN to
+ * UDP and UDP to TUN, without returning to Python (daemon/lone.py says why and how it is
+ * armed; README "How the daemon is built").
  *
- * Why: a ping's wake-up in the daemon that reads it from TUN costs ~275 us, of which only
- * ~90 us are the read and sendto system calls: the rest is Python running with cold
- * caches after the process slept (issue 13; /tmp/perf/s5/tlan.py). Only C that does the
- * whole hop (TUN read -> seal -> sendto) between two epoll_waits removes that. So
- * FastPath.wait is select.epoll.poll plus this: when the one ready descriptor is the TUN
- * and its packet is routed to an armed Lane, the packet is sealed as packet.seal seals it
- * and sent, and the wait returns. Everything else is returned to Python untouched, or
- * "handed back" (take_pending) when the hop already read it: nothing read is ever lost.
+ * Why: a ping's wake-up in the daemon that reads it from TUN cost ~275 us, of which only
+ * ~90 us were the read and sendto system calls: the rest was Python running with cold
+ * caches after the process slept (issue 13; the receiving daemon's wake-up was the same).
+ * Only C that does the whole hop between two epoll_waits removes that. So FastPath.wait is
+ * select.epoll.poll plus this:
  *
- * The receive hop is the mirror for the other daemon's cold wake-up (~270 us, ~200 of it
- * Python, /tmp/perf/s5/ptl.b.txt): when the one ready descriptor is the UDP socket and
- * its datagram comes from a peer armed for receive, it is opened as _accel.open opens it,
- * checked (PacketID above the window, exactly one message of the armed type and flags, a
- * consistent IP packet whose source routes back to the same peer) and written to the TUN.
- * Anything else is handed back as it arrived (take_pending_datagram), for
- * Session.receive_datagram to judge.
+ * The send hop: when the one ready descriptor is the TUN and its packet is routed to an
+ * armed Lane, the packet is sealed as packet.seal seals it and sent, and the wait returns.
  *
- * After either hop did its packet, wait returns [] at once: Python settles the lane while
- * the packet travels, instead of at the start of the next (cold, latency-critical) wake-up.
+ * The receive hop: when the one ready descriptor is the UDP socket and its datagram comes
+ * from a peer armed for receive, it is opened as _accel.open opens it, checked (PacketID
+ * above the window, exactly one message of the armed type and flags, a consistent IP
+ * packet whose source routes back to the same peer) and written to the TUN. With a send
+ * lane armed the wait then goes on (the answer is about to come from the TUN); otherwise
+ * it returns.
+ *
+ * Everything else is returned to Python untouched, or "handed back" (take_pending,
+ * take_pending_datagram) when the hop already read it: nothing read is ever lost, and a
+ * datagram is handed back byte for byte as it arrived, for Session.receive_datagram to
+ * judge.
  *
  * Python decides everything that needs state: it arms a Lane per peer with one reserved
  * PacketID and the session's keys (send), or with the receive keys and the replay
@@ -176,6 +178,27 @@ static int check_range(unsigned long long v, unsigned long long lo, unsigned lon
     return -1;
 }
 
+/* A key as PacketKey holds it: stream key None or 32 bytes, mac seed 24 bytes. */
+static int check_key(PyObject *sk, PyObject *ms) {
+    if (sk != Py_None && !PyBytes_Check(sk)) {
+        PyErr_SetString(PyExc_TypeError, "stream_key must be None or bytes");
+        return -1;
+    }
+    if (sk != Py_None && PyBytes_GET_SIZE(sk) != 32) {
+        PyErr_SetString(PyExc_ValueError, "stream_key must be 32 bytes");
+        return -1;
+    }
+    if (!PyBytes_Check(ms)) {
+        PyErr_SetString(PyExc_TypeError, "mac_seed must be bytes");
+        return -1;
+    }
+    if (PyBytes_GET_SIZE(ms) != 24) {
+        PyErr_SetString(PyExc_ValueError, "mac_seed must be 24 bytes");
+        return -1;
+    }
+    return 0;
+}
+
 /* arm(stream_key, mac_seed, packet_id, packet_id_mask, message_type, flags, max_payload,
  *     sockaddr): everything is checked before anything changes. */
 static PyObject *lane_arm(Lane *l, PyObject *const *args, Py_ssize_t nargs) {
@@ -189,22 +212,7 @@ static PyObject *lane_arm(Lane *l, PyObject *const *args, Py_ssize_t nargs) {
         return NULL;
     }
     PyObject *sk = args[0], *ms = args[1];
-    if (sk != Py_None && !PyBytes_Check(sk)) {
-        PyErr_SetString(PyExc_TypeError, "stream_key must be None or bytes");
-        return NULL;
-    }
-    if (sk != Py_None && PyBytes_GET_SIZE(sk) != 32) {
-        PyErr_SetString(PyExc_ValueError, "stream_key must be 32 bytes");
-        return NULL;
-    }
-    if (!PyBytes_Check(ms)) {
-        PyErr_SetString(PyExc_TypeError, "mac_seed must be bytes");
-        return NULL;
-    }
-    if (PyBytes_GET_SIZE(ms) != 24) {
-        PyErr_SetString(PyExc_ValueError, "mac_seed must be 24 bytes");
-        return NULL;
-    }
+    if (check_key(sk, ms) < 0) return NULL;
     unsigned long long pid, mask, mtype, flags, maxp;
     if (get_u64(args[2], "packet_id", &pid) < 0 || get_u64(args[3], "packet_id_mask", &mask) < 0 ||
         get_u64(args[4], "message_type", &mtype) < 0 || get_u64(args[5], "flags", &flags) < 0 ||
@@ -723,8 +731,6 @@ static int rx_hop(FastPath *f) {
     ssize_t got = recvmsg(f->udp_fd, &mh, MSG_DONTWAIT);
     if (got < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? RX_AGAIN : RX_READ_ERROR;
     size_t n = (size_t)got, segment = n;
-    f->udp_datagrams++;
-    f->udp_bytes += n;
     for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm != NULL; cm = CMSG_NXTHDR(&mh, cm)) {
         if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO &&
             cm->cmsg_len >= CMSG_LEN(sizeof(int))) {
@@ -733,6 +739,9 @@ static int rx_hop(FastPath *f) {
             if (gso > 0 && (size_t)gso < n) segment = (size_t)gso;
         }
     }
+    /* as udp.recv_runs counts: every datagram of a coalesced read */
+    f->udp_datagrams += n == 0 ? 1 : (n + segment - 1) / segment;
+    f->udp_bytes += n;
     socklen_t salen = mh.msg_namelen;
 #define BACK() rx_hand_back(f, n, segment, &from, salen)
     if (segment != n || (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) != 0) return BACK();
@@ -799,6 +808,11 @@ static PyObject *one_ready(int fd, uint32_t events) {
     return ready_list(&ev, 1);
 }
 
+/* How long a wait goes on after a receive hop for the answer (a ping's reply comes within
+ * ~0.1 ms): then it returns, and Python settles what the hop did (counters, last_received,
+ * which the metrics thread reads without waking the loop). */
+#define SETTLE_WITHIN_NS 2000000LL
+
 static inline int ms_ceil(int64_t ns) {
     int64_t ms = (ns + 999999) / 1000000;
     return ms > INT_MAX ? INT_MAX : (int)ms;
@@ -812,9 +826,15 @@ static PyObject *fp_wait_inner(FastPath *f, double timeout, int maxevents) {
         deadline = monotonic_ns() + total_ns;
     }
     int first = 1;
+    int64_t settle_by = 0; /* after a receive hop: when Python must settle it at the latest */
     for (;;) {
         int ms = -1;
-        if (!forever) {
+        if (settle_by != 0) {
+            int64_t now = monotonic_ns();
+            int64_t end = !forever && deadline < settle_by ? deadline : settle_by;
+            if (end - now <= 0) return PyList_New(0);
+            ms = ms_ceil(end - now);
+        } else if (!forever) {
             if (first) {
                 ms = ms_ceil(total_ns);
             } else {
@@ -846,9 +866,11 @@ static PyObject *fp_wait_inner(FastPath *f, double timeout, int maxevents) {
             case RX_DELIVERED:
                 /* With a send lane armed, wait on: the answer (a ping's reply) is about to
                  * come from the TUN and the send half may take it at once; Python settles
-                 * both after it. Otherwise Python settles the lane now. */
-                if (f->st->armed_lanes > 0) continue;
-                return PyList_New(0);
+                 * both after it. Otherwise Python settles the lane now... */
+                if (f->st->armed_lanes <= 0) return PyList_New(0);
+                /* ... but not for long: counters and last_received wait for the settle */
+                if (settle_by == 0) settle_by = monotonic_ns() + SETTLE_WITHIN_NS;
+                continue;
             case RX_HANDED_BACK:
                 return one_ready(f->udp_fd, EPOLLIN);
             case RX_READ_ERROR:
@@ -1006,23 +1028,7 @@ static PyObject *fp_arm_receive(FastPath *f, PyObject *const *args, Py_ssize_t n
             PyErr_SetString(PyExc_TypeError, "keys must be (stream_key, mac_seed) pairs");
             return NULL;
         }
-        PyObject *sk = PyTuple_GET_ITEM(pair, 0), *ms = PyTuple_GET_ITEM(pair, 1);
-        if (sk != Py_None && !PyBytes_Check(sk)) {
-            PyErr_SetString(PyExc_TypeError, "stream_key must be None or bytes");
-            return NULL;
-        }
-        if (sk != Py_None && PyBytes_GET_SIZE(sk) != 32) {
-            PyErr_SetString(PyExc_ValueError, "stream_key must be 32 bytes");
-            return NULL;
-        }
-        if (!PyBytes_Check(ms)) {
-            PyErr_SetString(PyExc_TypeError, "mac_seed must be bytes");
-            return NULL;
-        }
-        if (PyBytes_GET_SIZE(ms) != 24) {
-            PyErr_SetString(PyExc_ValueError, "mac_seed must be 24 bytes");
-            return NULL;
-        }
+        if (check_key(PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1)) < 0) return NULL;
     }
     unsigned long long mask, latest, mtype, flags;
     if (get_u64(args[2], "packet_id_mask", &mask) < 0 || get_u64(args[3], "latest", &latest) < 0 ||

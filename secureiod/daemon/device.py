@@ -211,10 +211,13 @@ class Device:
                 send.transmit(peer, now)
                 receive.drain(peer, now)
                 lifecycle.after_activity(peer, now)
+        lone = self.lone
+        if lone is not None:
+            lone.routes_changed()  # before any wait: the hop must not use a stale address
         if dirty:  # still more to do: come back at once rather than sleep on it
             self.loop.call_at(now, lambda _now: None)
-        elif self.lone is not None:
-            self.lone.rearm(now)
+        elif lone is not None:
+            lone.rearm(now)
 
     def _check_offload(self, now: float) -> None:
         self.offload.check_loss(self.peers.values(), now)

@@ -49,6 +49,7 @@ from ..secureio.session import Session
 from ..tun import TunDevice
 from ..udp import UdpSocket
 from .allowed_ips import AllowedIPs
+from .offload import VNET_HDR_SIZE
 from .peer import DATA_TYPE, Peer
 from .receive import ReceivePath
 from .send import SendPath
@@ -123,6 +124,11 @@ class LoneHop:
         self._lanes: dict[Peer, _LaneState] = {}
         self._by_lane: dict[Any, _LaneState] = {}
         self._rearm: set[Peer] = set()
+        self._armed: set[_LaneState] = set()
+        """Lanes with either half armed: what a pause takes back."""
+        self._handed_back = 0
+        """The hop's hand-backs (both halves) seen so far."""
+        self._rx_max = int(module.RX_MAX)
         self._failures: list[tuple[_LaneState, bytes, int]] = []
         self._generation = router.generation
         self._batches = (send.batch, receive.batch)
@@ -149,6 +155,15 @@ class LoneHop:
         datagrams, nbytes = fast.take_udp_reads()
         if datagrams:
             self.udp.note_received(datagrams, nbytes)
+        handed_back = fast.handed_back + fast.receive_handed_back
+        if handed_back != self._handed_back:
+            # The hop read what it could not take: traffic that is not a lone packet (a
+            # burst, a peer without a lane, junk). Each such read costs a wake-up, so the
+            # hop pauses: armed lanes go back until a quiet wake-up arms them again.
+            self._handed_back = handed_back
+            for state in list(self._armed):
+                if state.session is not None:
+                    state.session.settle_reservation()
         used = fast.take_used()
         if not used:
             return
@@ -166,10 +181,9 @@ class LoneHop:
                     self.send.not_sent(peer, [(datagram, result)], state.endpoint, now)
                 self.send.dirty.add(peer)  # a too-big datagram left the session work to send
 
-    def rearm(self, now: float) -> None:
-        """At the end of a wake-up (``Device.after_wakeup``): forget destinations if the
-        allowed IPs changed, and arm the lanes of this wake-up's lone peers when it was
-        quiet."""
+    def routes_changed(self) -> None:
+        """After every wake-up, before the hop can run again (``Device.after_wakeup``): if
+        the allowed IPs changed, forget every cached address and the lanes of peers gone."""
         router = self.router
         if router.generation != self._generation:
             self._generation = router.generation
@@ -177,6 +191,10 @@ class LoneHop:
             present = set(router.entries().values())
             for peer in [p for p in self._lanes if p not in present]:
                 self._forget(peer)
+
+    def rearm(self, now: float) -> None:
+        """At the end of a wake-up with nothing left to do (``Device.after_wakeup``): arm
+        the lanes of this wake-up's lone peers when it was quiet."""
         # under load the candidates wait (at most one entry per peer) for a quiet wake-up:
         # arming then would only be taken back by the next, back-to-back one
         if not self._rearm:
@@ -271,8 +289,11 @@ class LoneHop:
             sockaddr,
         )
         state.tx_armed = True
+        self._armed.add(state)
 
     def _arm_receive(self, state: _LaneState, s: Session) -> None:
+        if self.fast.rx_count >= self._rx_max:
+            return  # the C table is full (many quiet peers at once): this one's wait
         r = s.reserve_receive(DATA_TYPE, lambda: self._settle_receive(state))
         if r is None:
             return
@@ -282,11 +303,13 @@ class LoneHop:
             state.lane, r.keys, r.packet_id_mask, r.latest, r.message_type, r.flags, sockaddr
         )
         state.rx_armed = True
+        self._armed.add(state)
 
     def _settle_send(self, state: _LaneState) -> ReservationUse | None:
         """The session takes its PacketID back (``reservation.Settle``)."""
         if not state.rx_armed:
             state.session = None
+            self._armed.discard(state)
         armed, state.tx_armed = state.tx_armed, False
         if not armed:
             return None
@@ -311,6 +334,7 @@ class LoneHop:
         """The session takes its receipt back (``reservation.SettleReceive``)."""
         if not state.tx_armed:
             state.session = None
+            self._armed.discard(state)
         armed, state.rx_armed = state.rx_armed, False
         if not armed:
             return None
@@ -325,13 +349,16 @@ class LoneHop:
             c = state.peer.counters
             c.rx_packets += 1
             c.rx_bytes += payload_size
+            self.tun.note_written(payload_size + (VNET_HDR_SIZE if self.tun.vnet_hdr else 0))
         else:
             self.receive.tun_write_errors += 1
+            self.tun.note_write_error(tun_errno)
         return ReceiveUse(packet_id, received_at, datagram_size)
 
     def _forget(self, peer: Peer) -> None:
         state = self._lanes.pop(peer)
         self._by_lane.pop(state.lane, None)
+        self._armed.discard(state)
         if state.session is not None:
             state.session.settle_reservation()
         state.lane.disarm()

@@ -62,25 +62,35 @@ class ReceivePath:
         receive = self.demux.receive_datagram
         dirty = self.dirty
         batch = self.batch
+        size = batch.on_wake(now)
+        count = 0
         if self.take_pending is not None and (pending := self.take_pending()) is not None:
-            batch.on_wake(now)
             data, segment, addr = pending
+            if size == 1:  # a lone datagram the C hop left to us
+                if segment >= len(data):
+                    batch.note(1)
+                    self._receive_lone(data, addr, now)
+                else:
+                    batch.note(-(-len(data) // segment))
+                    dirty.update(self.demux.receive_run(data, segment, addr, now))
+                return
+            # under load it goes first, then what queued behind it, in this wake-up
             if segment >= len(data):
-                batch.note(1)
-                self._receive_lone(data, addr, now)
+                count = 1
+                peer = receive(data, addr, now)
+                if peer is not None:
+                    dirty.add(peer)
             else:
-                batch.note(-(-len(data) // segment))
+                count = -(-len(data) // segment)
                 dirty.update(self.demux.receive_run(data, segment, addr, now))
-            return
         if self._recv_runs is not None:
-            runs = self._recv_runs(batch.on_wake(now))
-            if len(runs) == 1 and runs[0][1] >= len(runs[0][0]):
+            runs = self._recv_runs(size)
+            if not count and len(runs) == 1 and runs[0][1] >= len(runs[0][0]):
                 batch.note(1)
                 data, _, addr = runs[0]
                 self._receive_lone(data, addr, now)
                 return
             receive_run = self.demux.receive_run
-            count = 0
             for data, segment, addr in runs:
                 if segment >= len(data):
                     count += 1
@@ -92,9 +102,9 @@ class ReceivePath:
                     dirty.update(receive_run(data, segment, addr, now))
             batch.note(count)
             return
-        datagrams = self.udp.recv_batch(batch.on_wake(now))
-        batch.note(len(datagrams))
-        if len(datagrams) == 1:
+        datagrams = self.udp.recv_batch(size)
+        batch.note(count + len(datagrams))
+        if not count and len(datagrams) == 1:
             self._receive_lone(*datagrams[0], now)
             return
         for data, addr in datagrams:

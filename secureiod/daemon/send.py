@@ -121,7 +121,10 @@ class SendPath:
         take_pending = self.take_pending
         pending = take_pending() if take_pending is not None else None
         if not self.tun.vnet_hdr:
-            packets = [pending] if pending is not None else self.tun.read_batch(size)
+            if pending is None:
+                packets = self.tun.read_batch(size)
+            else:  # the C hop left it to us: under load, what queued behind it comes too
+                packets = [pending] if size == 1 else [pending, *self.tun.read_batch(size - 1)]
             batch.note(len(packets))
             if len(packets) == 1:
                 self._send_lone(packets[0], 0, now)
@@ -148,7 +151,12 @@ class SendPath:
                     c.tx_bytes += len(packet)
                 dirty.add(peer)
             return
-        bufs = [pending] if pending is not None else self.tun.read_batch(size, MAX_SEGMENT)
+        if pending is None:
+            bufs = self.tun.read_batch(size, MAX_SEGMENT)
+        elif size == 1:
+            bufs = [pending]
+        else:
+            bufs = [pending, *self.tun.read_batch(size - 1, MAX_SEGMENT)]
         batch.note(len(bufs))
         if len(bufs) == 1 and len(bufs[0]) > VNET_HDR_SIZE:
             self._send_lone(bufs[0], VNET_HDR_SIZE, now)
