@@ -10,7 +10,6 @@ built from the same seeds, which must give the same bytes, counters, timers and 
 from __future__ import annotations
 
 import random
-import struct
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -491,38 +490,3 @@ def test_events_after_a_failing_handler_stay_queued_for_the_next_drain() -> None
     rp.drain(peer, now + 1)  # type: ignore[arg-type]
     assert seen == [first, second]
     assert a.next_event() is None
-
-
-def test_a_lone_packet_with_checksum_work_takes_the_lone_path_whole(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A TCP ACK from a TUN with checksum offload has NEEDS_CSUM in its virtio-net header:
-    alone in its wake-up it is sealed at once, header and all, as the general loop would
-    send it, and arrives as the general loop's would; to a peer that takes no such
-    headers it is dropped and counted, as the general loop drops it."""
-    csum_header = struct.pack("<BBHHHH", 1, 0, 40, 0, 20, 16)  # NEEDS_CSUM, no GSO
-    tcp = struct.pack("!HHIIBBHHH", 40000, 80, 1, 1, 5 << 4, 0x10, 65535, 0, 0)
-    ack = ipv4("198.19.0.1", "198.19.0.2", tcp, proto=6)
-    written = []
-    for off in (False, True):
-        with monkeypatch.context() as m:
-            spy = Spy(m, off=off)
-            tunnel = Tunnel(two_sites(tmp_path / str(off)), vnet_hdr=("a", "b"))
-            tunnel.wait_established(timeout=5)
-            tunnel.sim.run_for(0.1)
-            for _ in range(5):
-                tunnel.nodes["a"].tun.inject(ack, vnet_header=csum_header)
-                tunnel.sim.run_for(0.02)
-            assert spy.sealed == (0 if off else 5)
-            written.append(list(tunnel.nodes["b"].tun.written))
-            c = tunnel.peer("a", "b").counters
-            assert (c.tx_packets, c.tx_bytes) == (5, 5 * len(ack))
-            tunnel.close()
-    assert written[0] == written[1] == [csum_header + ack] * 5
-    tunnel = Tunnel(two_sites(tmp_path / "plain-b"), vnet_hdr=("a",))
-    tunnel.wait_established(timeout=5)
-    tunnel.sim.run_for(1.0)
-    tunnel.nodes["a"].tun.inject(ack, vnet_header=csum_header)
-    tunnel.sim.run_for(0.1)
-    assert tunnel.peer("a", "b").counters.drops["offload-unsupported"] == 1
-    assert tunnel.delivered("b") == []

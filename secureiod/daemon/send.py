@@ -158,9 +158,11 @@ class SendPath:
         else:
             bufs = [pending, *self.tun.read_batch(size - 1, MAX_SEGMENT)]
         batch.note(len(bufs))
-        if len(bufs) == 1 and len(bufs[0]) > VNET_HDR_SIZE:
-            self._send_lone(bufs[0], VNET_HDR_SIZE, now)
-            return
+        if len(bufs) == 1:
+            buf = bufs[0]
+            if len(buf) > VNET_HDR_SIZE and buf[0] == 0 and buf[1] == 0:
+                self._send_lone(buf, VNET_HDR_SIZE, now)
+                return
         for buf in bufs:
             peer = lookup(buf, VNET_HDR_SIZE)
             if peer is None:
@@ -180,50 +182,39 @@ class SendPath:
             dirty.add(peer)
 
     def _send_lone(self, buf: bytes, offset: int, now: float) -> None:
-        """The only packet of this wake-up: an IP packet at ``offset`` of ``buf``, after a
-        virtio-net header when ``offset`` is its size. A header with no offload work goes
-        as a plain packet; one with work (a TCP ACK whose checksum the kernel left to us)
-        goes whole, as the general loop sends it, to a peer that takes such headers. When
-        the session can seal it at once (``seal_message_now``: nothing else pending, the
-        same datagram the batch path would make) it goes out now, and the peer stays out of
-        the wake-up's flush: nothing else of it is due and only its keepalive moved,
-        later. Otherwise it takes the general path."""
+        """The only packet of this wake-up, a plain IP packet at ``offset`` of ``buf``
+        (after a virtio-net header with no offload work). When the session can seal it at
+        once (``seal_message_now``: nothing else pending, the same datagram the batch path
+        would make) it goes out now, and the peer stays out of the wake-up's flush:
+        nothing else of it is due and only its keepalive moved, later. Otherwise it takes
+        the general path."""
         peer = self.router.lookup_destination(buf, offset)
         if peer is None:
             self.no_route += 1
             return
-        if not offset or (buf[0] == 0 and buf[1] == 0):
-            mtype = DATA_TYPE
-            payload = buf[offset:] if offset else buf
-        elif peer.offload.remote_caps & CAP_VNET:
-            mtype = VNET_TYPE
-            payload = buf
-        else:
-            peer.counters.drops["offload-unsupported"] += 1
-            return
-        size = len(buf) - offset
+        payload = buf[offset:] if offset else buf
         s = peer.session
         sealed = (
-            s.seal_message_now(mtype, payload, now)
+            s.seal_message_now(DATA_TYPE, payload, now)
             if s is not None and peer.timer is not None and peer not in self.dirty
             else None
         )
         if sealed is None:
-            if self.write(peer, mtype, payload, now):
+            if self.write(peer, DATA_TYPE, payload, now):
                 c = peer.counters
                 c.tx_packets += 1
-                c.tx_bytes += size
+                c.tx_bytes += len(payload)
             self.dirty.add(peer)
             return
         c = peer.counters
         c.tx_packets += 1
-        c.tx_bytes += size
+        c.tx_bytes += len(payload)
         datagram, addr = sealed
         failures = self.udp.send_batch((datagram,), addr)
         if failures:
             self.not_sent(peer, failures, addr, now)
             self.dirty.add(peer)  # a too-big datagram left the session work to send
-        elif self.on_lone_sent is not None and mtype == DATA_TYPE:
+        elif self.on_lone_sent is not None:
             self.on_lone_sent(peer, buf, offset)
 
     def write(self, peer: Peer, mtype: int, payload: bytes | memoryview, now: float) -> bool:
