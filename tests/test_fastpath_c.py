@@ -28,6 +28,7 @@ from test_lone_path import _established
 
 from secureiod.daemon import _fastpath
 from secureiod.daemon.peer import DATA_TYPE
+from secureiod.endpoint import pack_sockaddr
 from secureiod.secureio import packet
 from secureiod.secureio.constants import MESSAGE_FLAG_FRAGMENTED
 from secureiod.secureio.packet import PacketKey
@@ -42,21 +43,8 @@ FLAGS = 0x01
 
 
 def sockaddr(addr: tuple[str, int] | tuple[str, int, int, int]) -> bytes:
-    """A packed ``struct sockaddr_in``/``sockaddr_in6`` (family in native order)."""
-    if len(addr) == 2:
-        return (
-            struct.pack("=H", socket.AF_INET)
-            + struct.pack(">H", addr[1])
-            + socket.inet_aton(addr[0])
-            + bytes(8)
-        )
-    host, port, flow, scope = addr  # type: ignore[misc]
-    return (
-        struct.pack("=H", socket.AF_INET6)
-        + struct.pack(">HI", port, flow)
-        + socket.inet_pton(socket.AF_INET6, host)
-        + struct.pack("=I", scope)
-    )
+    """The daemon's own packing (``endpoint.pack_sockaddr``), family from the tuple's shape."""
+    return pack_sockaddr(addr, socket.AF_INET if len(addr) == 2 else socket.AF_INET6)
 
 
 def ipv4(dst: bytes = DST4, payload: bytes = b"ping") -> bytes:

@@ -229,11 +229,10 @@ class LoneHop:
     # -- lanes -----------------------------------------------------------------------------
 
     def _learn(self, peer: Peer, address: bytes) -> None:
-        """``address`` routes to ``peer`` now (the router said so): cache it for the hop."""
+        """``address`` routes to ``peer`` now (the router just said so): cache it for the
+        hop. (A peer that leaves the router takes its lane along: ``routes_changed``.)"""
         state = self._lanes.get(peer)
         if state is None:
-            if peer not in self.router.entries().values():
-                return  # a peer being removed
             state = _LaneState(self._lane_type(), peer)
             self._lanes[peer] = state
             self._by_lane[state.lane] = state
