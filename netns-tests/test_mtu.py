@@ -1,7 +1,8 @@
 """The tunnel MTU follows the underlay: the daemon derives the payload limit P from the
 route MTU toward the peer, the negotiation confirms it on a clean path, and the TUN device,
-the peer's route and ``peers --json`` all carry it. DF pings of exactly the MTU pass; one
-byte more is refused locally by the kernel with "message too long"."""
+the peer's route and ``peers --json`` all carry it (the device's gso_max_size fits it).
+DF pings of exactly the MTU pass; one byte more is refused locally by the kernel with
+"message too long"."""
 
 from __future__ import annotations
 
@@ -10,10 +11,17 @@ import json
 import pytest
 from harness import Net, Node, expected_payload
 
+from secureiod.daemon.offload import gso_max_size_for
+
 
 def _link_mtu(node: Node) -> int:
     (link,) = json.loads(node.ip("-j", "link", "show", node.ifname).stdout)
     return int(link["mtu"])
+
+
+def _gso_max_size(node: Node) -> int:
+    (link,) = json.loads(node.ip("-d", "-j", "link", "show", node.ifname).stdout)
+    return int(link["gso_max_size"])
 
 
 def _route_mtu(node: Node, dst: str) -> int | None:
@@ -45,6 +53,8 @@ def test_tunnel_mtu_follows_underlay(
         assert p["mtu"] == payload
         assert _link_mtu(node) == payload
         assert node.status()["mtu"] == payload
+        # a TSO segment of the device leaves in one UDP GSO send (offload.gso_max_size_for)
+        assert _gso_max_size(node) == node.status()["gso_max_size"] == gso_max_size_for(payload)
         assert _route_mtu(node, other.tunnel4) == payload
         assert _route_mtu(node, other.tunnel6) == max(payload, 1280)
 

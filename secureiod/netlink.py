@@ -221,6 +221,12 @@ class Netlink:
         with self._op(f"set MTU {mtu} on {name}"):
             self._ipr.link("set", index=self._index(name), mtu=int(mtu))
 
+    def set_gso_max_size(self, name: str, size: int) -> None:
+        """The largest GSO packet the kernel builds for this link (``IFLA_GSO_MAX_SIZE``,
+        settable on an existing link since Linux 5.19; it caps the IPv4 limit too)."""
+        with self._op(f"set gso_max_size {size} on {name}"):
+            self._ipr.link("set", index=self._index(name), gso_max_size=int(size))
+
     def get_mtu(self, name: str) -> int:
         with self._op(f"read MTU of {name}"):
             (msg,) = self._ipr.link("get", index=self._index(name))

@@ -61,8 +61,10 @@ _SO_MARK: Final = getattr(socket, "SO_MARK", 36)
 _SOL_UDP: Final = 17
 _UDP_SEGMENT: Final = 103  # include/uapi/linux/udp.h: GSO, one sendmsg for many datagrams
 _UDP_GRO: Final = 104  # receive coalesced datagrams with their segment size in a cmsg
-_GSO_MAX_SEGMENTS: Final = 64  # UDP_MAX_SEGMENTS
-_GSO_MAX_BYTES: Final = 65000  # below the 65507-byte UDP payload limit of one IPv4 skb
+GSO_MAX_SEGMENTS: Final = 64
+"""Datagrams per GSO send at most (``UDP_MAX_SEGMENTS``, include/net/udp.h)."""
+GSO_MAX_BYTES: Final = 65000
+"""Bytes per GSO send at most: below the 65,507-byte UDP payload of one IPv4 skb."""
 _GSO_SIZE: Final = struct.Struct("=H")
 _GRO_SIZE: Final = struct.Struct("=i")
 _CMSG_SPACE: Final = socket.CMSG_SPACE(4)
@@ -360,17 +362,17 @@ class UdpSocket:
                 total = size
                 while (
                     j < n
-                    and j - i < _GSO_MAX_SEGMENTS
+                    and j - i < GSO_MAX_SEGMENTS
                     and len(datagrams[j]) == size
-                    and total + size <= _GSO_MAX_BYTES
+                    and total + size <= GSO_MAX_BYTES
                 ):
                     total += size
                     j += 1
                 if (
                     j < n
-                    and j - i < _GSO_MAX_SEGMENTS
+                    and j - i < GSO_MAX_SEGMENTS
                     and len(datagrams[j]) < size
-                    and total + len(datagrams[j]) <= _GSO_MAX_BYTES
+                    and total + len(datagrams[j]) <= GSO_MAX_BYTES
                 ):
                     j += 1  # the shorter tail of a run rides along
             if j - i == 1:
@@ -407,7 +409,7 @@ class UdpSocket:
             result = self.send(buffer, address)
             return [] if result is SendResult.SENT else [(buffer, result)]
         failures: list[tuple[bytes, SendResult]] = []
-        per_call = min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // segment_size) if self.gso else 1
+        per_call = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // segment_size) if self.gso else 1
         step = per_call * segment_size
         for start in range(0, size, step):
             piece = view[start : start + step]

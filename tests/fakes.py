@@ -1027,6 +1027,7 @@ class FakeNetlink:
     ) -> None:
         self.mtu: dict[str, int] = {}
         self.mtu_history: list[tuple[str, int]] = []
+        self.gso_max_size: dict[str, int] = {}
         self.up: set[str] = set()
         self.addresses: dict[str, list[Interface]] = {}
         self.routes: dict[Network, tuple[str, int | None]] = {}
@@ -1114,6 +1115,10 @@ class FakeNetlink:
         self._call("set_mtu", name, mtu)
         self.mtu[name] = int(mtu)
         self.mtu_history.append((name, int(mtu)))
+
+    def set_gso_max_size(self, name: str, size: int) -> None:
+        self._call("set_gso_max_size", name, size)
+        self.gso_max_size[name] = int(size)
 
     def get_mtu(self, name: str) -> int:
         """The link's MTU: what was set, else 1500 (a fresh TUN's)."""

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from fakes import Sim, Tunnel, hub_and_spokes, two_sites, udp4
 
+from secureiod.daemon.offload import gso_max_size_for
 from secureiod.daemon.routes import payload_limit_for_mtu
+from secureiod.daemon.status import device_status
 from secureiod.secureio.constants import PACKET_OVERHEAD
 
 NET = ipaddress.ip_network
@@ -99,3 +101,34 @@ def test_a_fixed_mtu_caps_routes_and_is_left_alone(tmp_path: Path) -> None:
     assert netlink.mtu_history == [("sio0", 1300)]
     assert netlink.routes[V4_B] == ("sio0", 1300)
     assert tunnel.nodes["b"].netlink.routes[NET("198.19.0.1/32")] == ("sio0", 1408)
+
+
+SPOKE_MTUS = (("s1", 1400), ("s2", 1500), ("s3", 1350))
+
+
+def test_the_device_gso_size_fits_one_send_toward_the_narrowest_path(tmp_path: Path) -> None:
+    """TSO segments leave in one UDP GSO send (``offload.gso_max_size_for``) toward every
+    peer: the TUN device's gso_max_size is the smallest fit of their route MTUs (not the
+    narrowest path's, s3: 49 of its datagrams fit in one send, 47 of s1's), it
+    follows a reload that removes that peer, and ``status`` shows it."""
+    sim = Sim()
+    for n, (_, mtu) in enumerate(SPOKE_MTUS, start=2):
+        sim.wire.link("198.18.0.1", f"198.18.0.{n}", mtu=mtu)
+    builder = hub_and_spokes(tmp_path, hub_knows_spokes=True)
+    tunnel = Tunnel(builder, sim=sim)
+    tunnel.wait_established(timeout=5)
+    netlink, device = tunnel.nodes["hub"].netlink, tunnel.devices["hub"]
+    fits = {n: gso_max_size_for(payload_limit_for_mtu(m, False)) for n, m in SPOKE_MTUS}
+    assert fits == {"s1": 60_526, "s2": 60_886, "s3": 60_750}
+    assert netlink.gso_max_size["sio0"] == 60_526
+    assert device_status(device, tunnel.sim.now)["gso_max_size"] == 60_526
+    # the spoke that decided leaves: the next smallest fit does
+    hub = builder.nodes["hub"]
+    del hub.peers["s1"]
+    hub.write()
+    tunnel.call("hub", lambda now: device.reload())
+    assert netlink.gso_max_size["sio0"] == 60_750
+    # a two-site tunnel on 1500-byte paths: 44 fragments of 1,384 bytes per segment
+    pair = Tunnel(two_sites(tmp_path / "pair"))
+    pair.wait_established(timeout=5)
+    assert pair.nodes["a"].netlink.gso_max_size["sio0"] == 44 * 1384 - 10

@@ -330,6 +330,9 @@ def test_a_persistent_tun_gets_its_mtu_back(tmp_path: Path) -> None:
     assert netlink.mtu["sio0"] != 9000 and len(netlink.mtu_history) >= 2
     ledger = device.routes.netlink.ledger  # type: ignore[attr-defined]
     assert [i for i in ledger.items() if isinstance(i, OwnedMtu)] == [OwnedMtu("sio0", 9000)]
+    # its gso_max_size is the administrator's too: not set (nothing to give back)
+    assert not any(op == "set_gso_max_size" for op, _ in netlink.calls)
+    assert tunnel.nodes["b"].netlink.gso_max_size == {"sio0": 44 * 1384 - 10}
     device.close()  # type: ignore[attr-defined]
     device.give_back()  # type: ignore[attr-defined]
     assert netlink.mtu["sio0"] == 9000

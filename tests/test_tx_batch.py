@@ -23,6 +23,7 @@ import pytest
 from fakes import Tunnel, ipv4, two_sites
 from test_session import established, make_pair
 
+from secureiod.daemon.offload import VNET_HDR_SIZE, gso_max_size_for
 from secureiod.secureio import MessageType, packet
 from secureiod.secureio.constants import FRAGMENT_HEADER_SIZE, PACKET_OVERHEAD
 from secureiod.secureio.datagram_run import DatagramRun
@@ -389,3 +390,44 @@ def test_a_tso_segment_leaves_as_one_run_and_arrives_whole(
         assert ("run", fragments) in calls and ("batch", fragments) not in calls
     else:
         assert ("batch", fragments) in calls and not any(k == "run" for k, _ in calls)
+
+
+@pytest.mark.parametrize("payload_size", [576, 1312, 1392, 1408, 8000])
+def test_a_segment_of_the_tun_gso_size_leaves_in_one_send_and_one_more_does_not(
+    payload_size: int,
+) -> None:
+    """``offload.gso_max_size_for``: a TUN segment of that size (a VNET message: 10-byte
+    header + segment) leaves in one GSO send and arrives in ONE GRO read over real UDP;
+    one fragment's worth more would need a second (the size is the largest that fits)."""
+    size = gso_max_size_for(payload_size)
+    key = KEYS[0]
+    chunk = payload_size - FRAGMENT_HEADER_SIZE
+    rx = UdpSocket.bind(("127.0.0.1", 0), segmentation=True)
+    tx = UdpSocket.bind(("127.0.0.1", 0), segmentation=True)
+    try:
+        assert rx.gro and tx.gso
+        for message, sends in ((VNET_HDR_SIZE + size, 1), (VNET_HDR_SIZE + size + chunk, 2)):
+            buffer, count, segment = seal_fragments_python(
+                key, 1, 0, VNET_LIKE, bytes(message), 1, payload_size
+            )
+            assert segment == payload_size + PACKET_OVERHEAD
+            assert tx.send_run(buffer, segment, rx.local_address) == []
+            runs: list[tuple[bytes, int, Address]] = []
+            deadline = time.monotonic() + 5
+            while sum(-(-len(d) // s) for d, s, _ in runs) < count:
+                assert time.monotonic() < deadline, "the datagrams did not all arrive"
+                runs += rx.recv_runs(64)
+            assert b"".join(d for d, _, _ in runs) == buffer
+            assert len(runs) == sends, (message, count, [len(d) for d, _, _ in runs])
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_the_tun_gso_size_stays_in_the_kernels_bounds() -> None:
+    """1280..65536 whatever the path: tiny paths still get segments, a datagram too big
+    for GSO leaves the kernel's default, and no size is above what a TUN accepts."""
+    sizes = {p: gso_max_size_for(p) for p in range(147, 65217, 7)}
+    assert all(1280 <= s <= 65536 for s in sizes.values())
+    assert sizes[147] < 10_000 and gso_max_size_for(65216) == 65536
+    assert gso_max_size_for(1408) == 44 * (1408 - 24) - 10

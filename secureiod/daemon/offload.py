@@ -27,8 +27,10 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
 from ..logs import RateLimitedLog
+from ..secureio.constants import FRAGMENT_HEADER_SIZE, PACKET_OVERHEAD
 from ..secureio.events import SessionState
 from ..tun import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6
+from ..udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -70,6 +72,31 @@ CAPS_BURST: Final = 3
 recovery); beyond that one per ``CAPS_INTERVAL``, the latest announcement winning. Each
 change may switch TSO on the TUN device (an ioctl) and is logged: a peer toggling its caps
 in a loop must not turn that into an ioctl and a log line per message."""
+
+
+MIN_GSO_MAX_SIZE: Final = 1280
+LEGACY_GSO_MAX_SIZE: Final = 65536
+"""A TUN device's ``gso_max_size`` when nobody set it (``GSO_LEGACY_MAX_SIZE``)."""
+
+
+def gso_max_size_for(payload_size: int) -> int:
+    """The TUN device's ``gso_max_size`` (bytes of IP packet) that lets every segment it
+    hands us leave in ONE UDP GSO send toward a peer whose session carries
+    ``payload_size`` bytes per datagram.
+
+    A segment travels as one VNET message (10-byte header + IP packet), fragmented into
+    datagrams of ``payload_size + 53`` bytes that each carry ``payload_size - 24`` bytes
+    of it (PROTOCOL §4, §6); one send takes at most ``GSO_MAX_SEGMENTS`` datagrams and
+    ``GSO_MAX_BYTES`` bytes. Left at the kernel's 65,536, a full segment is 47 datagrams
+    on a 1500-byte path: two sends, two GRO reads at the peer, and a reassembly there that
+    copies it three times; 44 datagrams (61,590 bytes) go in one of each and arrive as
+    one whole message. Bounded to 1280..65536: a tiny path still gets segments, and a
+    datagram too big for GSO at all leaves the kernel's default."""
+    per_send = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // (payload_size + PACKET_OVERHEAD))
+    if per_send == 0:
+        return LEGACY_GSO_MAX_SIZE
+    size = per_send * (payload_size - FRAGMENT_HEADER_SIZE) - VNET_HDR_SIZE
+    return max(MIN_GSO_MAX_SIZE, min(LEGACY_GSO_MAX_SIZE, size))
 
 
 def encode_caps(caps: int) -> bytes:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Final
 from ..secureio.constants import PACKET_OVERHEAD
 from .dns import DnsPort
 from .ledger import Ledger
+from .offload import LEGACY_GSO_MAX_SIZE, gso_max_size_for
 from .owned import OwnedNetlink
 from .peer import Peer
 from .policy import RoutingPlan
@@ -62,6 +63,8 @@ class Routes:
         self.ifname = ifname
         self.interface = interface
         self.link_mtu: int | None = None
+        self.gso_max_size = LEGACY_GSO_MAX_SIZE
+        """The TUN device's ``gso_max_size`` as set (``offload.gso_max_size_for``)."""
 
     def attach(
         self,
@@ -121,7 +124,8 @@ class Routes:
         self.netlink.settle()
 
     def apply_payload_size(self, peer: Peer, size: int, peers: Iterable[Peer]) -> None:
-        """Route MTU for this peer = its payload size; the link MTU follows the largest."""
+        """Route MTU for this peer = its payload size; the link MTU follows the largest,
+        the device's GSO size the smallest."""
         fixed = self.interface.mtu
         mtu = min(size, fixed) if fixed else size
         if mtu == peer.route_mtu:
@@ -131,8 +135,10 @@ class Routes:
         peer.route_mtu = mtu
         logger.log(level, "peer %s: payload size %d, route MTU %d", peer.name, size, mtu)
         self.set_route_mtu(peer, peer.config.allowed_ips)
+        sizes = [p.route_mtu for p in peers if p.route_mtu]
         if fixed is None:
-            self._follow_link_mtu(peers)
+            self._follow_link_mtu(sizes)
+        self._follow_gso_size(sizes)
 
     def set_route_mtu(self, peer: Peer, nets: Iterable[Network]) -> None:
         """Give ``peer``'s routes to ``nets`` its route MTU (if it has one yet). A failure
@@ -147,8 +153,7 @@ class Routes:
             except Exception as exc:
                 logger.warning("peer %s: setting route MTU for %s failed: %s", peer.name, net, exc)
 
-    def _follow_link_mtu(self, peers: Iterable[Peer]) -> None:
-        sizes = [p.route_mtu for p in peers if p.route_mtu]
+    def _follow_link_mtu(self, sizes: Sequence[int]) -> None:
         want = max(sizes) if sizes else IPV6_MIN_MTU
         if any(a.version == 6 for a in self.interface.address):
             want = max(want, IPV6_MIN_MTU)
@@ -159,6 +164,25 @@ class Routes:
                 logger.info("%s: MTU %d", self.ifname, want)
             except Exception as exc:
                 logger.warning("%s: setting MTU %d failed: %s", self.ifname, want, exc)
+
+    def _follow_gso_size(self, sizes: Sequence[int]) -> None:
+        """Segments from the TUN device (TSO, ``offload.py``) sized so that each leaves in
+        one UDP GSO send toward every peer (the smallest of their fits; not always the
+        narrowest path's: more of its datagrams fit in one send). Only on a device this
+        daemon created: one it found keeps what its owner set. A kernel that refuses
+        (before 5.19) costs throughput, not function: one warning, the default stays."""
+        if not sizes or not self.netlink.created:
+            return
+        want = min(gso_max_size_for(size) for size in set(sizes))
+        if want == self.gso_max_size:
+            return
+        try:
+            self.netlink.set_gso_max_size(self.ifname, want)
+        except Exception as exc:
+            logger.warning("%s: setting gso_max_size %d failed: %s", self.ifname, want, exc)
+        else:
+            logger.debug("%s: gso_max_size %d", self.ifname, want)
+        self.gso_max_size = want
 
     # -- reload ------------------------------------------------------------------------
 
@@ -234,15 +258,16 @@ class Routes:
                 except Exception as exc:
                     logger.warning("removing address %s: %s", address, exc)
         self.settle()
-        if new.mtu == old.mtu:
-            return
         running = list(peers)
-        for peer in running:  # the others get theirs when their session negotiates
-            s = peer.session
-            if peer.route_mtu is not None and s is not None and s.is_established:
-                self.apply_payload_size(peer, s.payload_size, running)
-        if new.mtu is None:
-            self._follow_link_mtu(running)
+        if new.mtu != old.mtu:
+            for peer in running:  # the others get theirs when their session negotiates
+                s = peer.session
+                if peer.route_mtu is not None and s is not None and s.is_established:
+                    self.apply_payload_size(peer, s.payload_size, running)
+            if new.mtu is None:
+                self._follow_link_mtu([p.route_mtu for p in running if p.route_mtu])
+        # a peer that left may have been the one with the smallest path
+        self._follow_gso_size([p.route_mtu for p in running if p.route_mtu])
 
     def remove_all(self, peers: Iterable[Peer]) -> None:
         """On stop: give back everything the daemon added (routes, rules, addresses, DNS)

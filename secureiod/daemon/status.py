@@ -40,6 +40,7 @@ def device_status(device: Device, now: float) -> dict[str, Any]:
         "listen": format_endpoint(udp.local_address),
         "mtu": device.routes.link_mtu,
         "mtu_mode": "auto" if iface.mtu is None else "fixed",
+        "gso_max_size": device.routes.gso_max_size,
         "addresses": [str(a) for a in iface.address],
         "peers_total": len(device.peers),
         "peers_established": sum(1 for p in peers if p.state == SessionState.ESTABLISHED),
