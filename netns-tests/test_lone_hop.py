@@ -8,6 +8,7 @@ arrive; with the hop switched off the daemon runs on ``epoll.poll`` as before.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -57,6 +58,14 @@ def test_quiet_pings_take_the_hop_both_ways_and_count_as_the_python_path(
     assert not pa["session_drops"].get("replay") and not pb["session_drops"].get("replay")
     st = a.status()
     assert st["loop"]["callback_failures"] == 0
+    # what `secureioctl status` shows people (counters only grow between the two reads)
+    hop = _hop(a)
+    shown = re.search(
+        r"^  lone-packet hop: (\d+) sent, (\d+) received, \d+ handed back$",
+        a.ctl("status").stdout,
+        re.M,
+    )
+    assert shown is not None and int(shown[1]) >= hop["sends"] >= n, a.ctl("status").stdout
 
 
 def test_a_revoked_destination_never_leaves_by_the_hop(net: Net) -> None:

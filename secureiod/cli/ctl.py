@@ -143,7 +143,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _render_status(result: dict[str, Any]) -> list[str]:
-    return [
+    lines = [
         f"interface: {result['interface']}",
         f"  public key: {result['public_key']}",
         f"  listening: {result['listen']} (port {result['listen_port']})",
@@ -151,6 +151,18 @@ def _render_status(result: dict[str, Any]) -> list[str]:
         f"  addresses: {', '.join(result['addresses'])}",
         f"  peers: {result['peers_established']}/{result['peers_total']} established",
     ]
+    # newer fields: a daemon of an older version leaves them out
+    if result.get("gso_max_size") is not None:
+        lines.insert(4, f"  segment size (gso_max_size): {result['gso_max_size']}")
+    if "lone_hop" in result:
+        hop = result["lone_hop"]
+        lines.append(
+            "  lone-packet hop: off"
+            if hop is None
+            else f"  lone-packet hop: {hop['sends']} sent, {hop['receives']} received, "
+            f"{hop['handed_back'] + hop['receive_handed_back']} handed back"
+        )
+    return lines
 
 
 def _peers(args: argparse.Namespace) -> int:
