@@ -7,9 +7,10 @@ DF pings of exactly the MTU pass; one byte more is refused locally by the kernel
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-from harness import Net, Node, expected_payload
+from harness import Net, Node, Transfer, expected_payload
 
 from secureiod.daemon.offload import gso_max_size_for
 
@@ -79,3 +80,19 @@ def test_tunnel_mtu_follows_underlay(
         p = node.peer(peer_name)
         assert not p["drops"], p["drops"]
         assert node.status()["udp"]["tx_too_big"] == 0
+
+
+def test_a_jumbo_underlay_carries_tcp_whole(net: Net, big_file: tuple[Path, str]) -> None:
+    """A 65535-byte underlay (loopback-sized): payload 65,216, a datagram too big for UDP
+    GSO at all (65,269 > 65,000). The device's segment size makes every TCP segment one
+    unfragmented message, and a stream of 200 MiB arrives intact (it used to stop after
+    the first second: a send of such datagrams raised in the loop)."""
+    a, b = net.pair(mtu=65535)
+    assert a.peer("b")["payload_size"] == 65216
+    assert _gso_max_size(a) == a.status()["gso_max_size"] == gso_max_size_for(65216) == 65206
+    path, digest = big_file
+    sent_n, sent_hash, recv_n, recv_hash = (
+        Transfer(a, b, b.tunnel4, path, timeout=90).start().wait()
+    )
+    assert sent_n == recv_n == path.stat().st_size and sent_hash == recv_hash == digest
+    assert "failed" not in a.read_log() and "failed" not in b.read_log()

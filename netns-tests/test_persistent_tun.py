@@ -7,16 +7,23 @@ itself stays: it was never the daemon's to remove.
 
 from __future__ import annotations
 
+import json
 import signal
 
 from harness import Net, Node
 
 ADMIN_MTU = 9000
+ADMIN_GSO = 32768
 
 
 def _mtu(node: Node) -> int:
     text = node.ip("link", "show", "sio0").stdout
     return int(text.split(" mtu ", 1)[1].split()[0])
+
+
+def _gso_max_size(node: Node) -> int:
+    (link,) = json.loads(node.ip("-d", "-j", "link", "show", "sio0").stdout)
+    return int(link["gso_max_size"])
 
 
 def _sigterm(node: Node) -> None:
@@ -29,12 +36,16 @@ def _sigterm(node: Node) -> None:
 def test_a_persistent_tun_keeps_its_mtu_and_stays(net: Net) -> None:
     a, b = net.pair(start=False)
     a.ip("tuntap", "add", "dev", "sio0", "mode", "tun")
-    a.ip("link", "set", "sio0", "mtu", str(ADMIN_MTU))
+    a.ip("link", "set", "sio0", "mtu", str(ADMIN_MTU), "gso_max_size", str(ADMIN_GSO))
     b.start()
     a.start()
     a.wait_established("b")
     assert _mtu(a) != ADMIN_MTU
     assert f"sio0 existed before this daemon: its MTU {ADMIN_MTU} is given back" in a.read_log()
+    # its segment size stays the administrator's; the log says what would fit, status
+    # claims nothing
+    assert _gso_max_size(a) == ADMIN_GSO and a.status()["gso_max_size"] is None
+    assert "`ip link set sio0 gso_max_size 60886` lets each TCP segment" in a.read_log()
     a.assert_ping(b.tunnel4, count=2, interval=0.05)
     _sigterm(a)
     assert _mtu(a) == ADMIN_MTU

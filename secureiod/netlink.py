@@ -221,11 +221,18 @@ class Netlink:
         with self._op(f"set MTU {mtu} on {name}"):
             self._ipr.link("set", index=self._index(name), mtu=int(mtu))
 
-    def set_gso_max_size(self, name: str, size: int) -> None:
+    def set_gso_max_size(self, name: str, size: int) -> int | None:
         """The largest GSO packet the kernel builds for this link (``IFLA_GSO_MAX_SIZE``,
-        settable on an existing link since Linux 5.19; it caps the IPv4 limit too)."""
+        settable on an existing link since Linux 5.19; it caps the IPv4 limit too).
+        Returns the value the link has afterwards (None: not reported): a kernel may take
+        the request and keep its own value."""
+        index = self._index(name)
         with self._op(f"set gso_max_size {size} on {name}"):
-            self._ipr.link("set", index=self._index(name), gso_max_size=int(size))
+            self._ipr.link("set", index=index, gso_max_size=int(size))
+        with self._op(f"read gso_max_size of {name}"):
+            (msg,) = self._ipr.link("get", index=index)
+        value = msg.get_attr("IFLA_GSO_MAX_SIZE")
+        return int(value) if value is not None else None
 
     def get_mtu(self, name: str) -> int:
         with self._op(f"read MTU of {name}"):

@@ -45,6 +45,8 @@ DEFAULT_BUFFER_SIZE: Final = 4 * 1024 * 1024
 """Kernel socket buffers: large enough to ride out a burst while the loop is busy
 decrypting, so bursts are not dropped in the kernel before we even see them."""
 RECV_BUFFER_SIZE: Final = 65535 + 1024
+BULK_READ: Final = 16384
+"""A GRO read this large makes the next read allocate its own buffer (``recv_runs``)."""
 """Larger than any UDP payload (65507 on IPv4, 65527 on IPv6), so a datagram is never
 silently truncated: the protocol needs the peer's P + 53 bytes at least (§12 item 1)."""
 
@@ -208,6 +210,8 @@ class UdpSocket:
         self.stats = UdpStats()
         self._buffer = bytearray(RECV_BUFFER_SIZE)
         self._view = memoryview(self._buffer)
+        self._bulk = False
+        """The last read was a large GRO run: read the next into its own bytes."""
         self._logged: set[tuple[str, int]] = set()
         self.gso = False
         """Send runs of equal-size datagrams with one ``sendmsg`` (UDP_SEGMENT)."""
@@ -315,14 +319,21 @@ class UdpSocket:
         buffers = [self._buffer]
         stats = self.stats
         gro = self.gro
+        bulk = self._bulk
         out: list[tuple[bytes, int, Address]] = []
         for _ in range(max_count):
             try:
-                if gro:
+                if bulk:
+                    # a bulk flow's reads are whole GRO runs (up to 64 KiB): received
+                    # straight into their own bytes, the one copy being the kernel's
+                    data, ancdata, _flags, addr = sock.recvmsg(RECV_BUFFER_SIZE, _CMSG_SPACE)
+                    size = len(data)
+                elif gro:
                     size, ancdata, _flags, addr = sock.recvmsg_into(buffers, _CMSG_SPACE)
+                    data = None
                 else:
                     size, addr = sock.recvfrom_into(self._buffer)
-                    ancdata = ()
+                    ancdata, data = (), None
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -330,14 +341,17 @@ class UdpSocket:
                 self._note_error("receive", exc)
                 break
             segment = size
-            for level, kind, data in ancdata:
-                if level == _SOL_UDP and kind == _UDP_GRO and len(data) >= 4:
-                    segment = _GRO_SIZE.unpack_from(data)[0] or size
+            for level, kind, cmsg in ancdata:
+                if level == _SOL_UDP and kind == _UDP_GRO and len(cmsg) >= 4:
+                    segment = _GRO_SIZE.unpack_from(cmsg)[0] or size
             if segment <= 0 or segment > size:
                 segment = size
             stats.rx_bytes += size
             stats.rx_datagrams += -(-size // segment) if size else 1
-            out.append((bytes(view[:size]), segment or 1, addr))
+            out.append((data if data is not None else bytes(view[:size]), segment or 1, addr))
+            # small reads (a lone datagram, ACKs) copy less than a 64 KiB allocation costs
+            bulk = gro and size >= BULK_READ
+        self._bulk = bulk
         return out
 
     def send_batch(
@@ -409,7 +423,8 @@ class UdpSocket:
             result = self.send(buffer, address)
             return [] if result is SendResult.SENT else [(buffer, result)]
         failures: list[tuple[bytes, SendResult]] = []
-        per_call = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // segment_size) if self.gso else 1
+        # a datagram above GSO_MAX_BYTES (a jumbo path) still goes, one per call
+        per_call = max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // segment_size)) if self.gso else 1
         step = per_call * segment_size
         for start in range(0, size, step):
             piece = view[start : start + step]

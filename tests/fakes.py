@@ -1004,6 +1004,7 @@ class FakeNetlink:
         {
             "set_mtu",
             "get_mtu",
+            "set_gso_max_size",
             "set_up",
             "add_address",
             "create_address",
@@ -1028,6 +1029,8 @@ class FakeNetlink:
         self.mtu: dict[str, int] = {}
         self.mtu_history: list[tuple[str, int]] = []
         self.gso_max_size: dict[str, int] = {}
+        self.gso_max_size_kept: int | None = None
+        """Set: ``set_gso_max_size`` succeeds but the link keeps this value."""
         self.up: set[str] = set()
         self.addresses: dict[str, list[Interface]] = {}
         self.routes: dict[Network, tuple[str, int | None]] = {}
@@ -1116,9 +1119,12 @@ class FakeNetlink:
         self.mtu[name] = int(mtu)
         self.mtu_history.append((name, int(mtu)))
 
-    def set_gso_max_size(self, name: str, size: int) -> None:
+    def set_gso_max_size(self, name: str, size: int) -> int | None:
         self._call("set_gso_max_size", name, size)
+        if self.gso_max_size_kept is not None:  # a kernel that takes it and keeps its own
+            return self.gso_max_size_kept
         self.gso_max_size[name] = int(size)
+        return int(size)
 
     def get_mtu(self, name: str) -> int:
         """The link's MTU: what was set, else 1500 (a fresh TUN's)."""

@@ -6,8 +6,10 @@ as the daemon tells the kernel through netlink (``secureiod.daemon.routes``).
 from __future__ import annotations
 
 import ipaddress
+import logging
 from pathlib import Path
 
+import pytest
 from fakes import Sim, Tunnel, hub_and_spokes, two_sites, udp4
 
 from secureiod.daemon.offload import gso_max_size_for
@@ -122,6 +124,9 @@ def test_the_device_gso_size_fits_one_send_toward_the_narrowest_path(tmp_path: P
     assert fits == {"s1": 60_526, "s2": 60_886, "s3": 60_750}
     assert netlink.gso_max_size["sio0"] == 60_526
     assert device_status(device, tunnel.sim.now)["gso_max_size"] == 60_526
+    # set once per change, not once per peer or packet
+    sets = [args for op, args in netlink.calls if op == "set_gso_max_size"]
+    assert sets[-1] == ("sio0", 60_526) and len(sets) == len(set(sets)) <= 3
     # the spoke that decided leaves: the next smallest fit does
     hub = builder.nodes["hub"]
     del hub.peers["s1"]
@@ -132,3 +137,42 @@ def test_the_device_gso_size_fits_one_send_toward_the_narrowest_path(tmp_path: P
     pair = Tunnel(two_sites(tmp_path / "pair"))
     pair.wait_established(timeout=5)
     assert pair.nodes["a"].netlink.gso_max_size["sio0"] == 44 * 1384 - 10
+
+
+def test_with_a_fixed_mtu_the_gso_size_fits_the_sessions_payload(tmp_path: Path) -> None:
+    """A fixed MTU caps the routes, not what the session carries per datagram, which is
+    what fragments a segment: the fit is the payload size's (1408: 60,886), not the
+    route MTU's (1300 would give 61,238, two sends per segment)."""
+    builder = two_sites(tmp_path)
+    builder.nodes["a"].interface["mtu"] = 1300
+    tunnel = Tunnel(builder)
+    tunnel.wait_established(timeout=5)
+    assert tunnel.peer("a", "b").session.payload_size == 1408  # type: ignore[union-attr]
+    assert tunnel.nodes["a"].netlink.gso_max_size["sio0"] == gso_max_size_for(1408) == 60_886
+
+
+def test_a_kernel_that_refuses_or_keeps_its_gso_size_costs_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before Linux 5.19 the kernel refuses IFLA_GSO_MAX_SIZE on a live link (or may take
+    it and keep its own): one warning naming the effect and the fix, the tunnel works,
+    ``status`` shows what the device has, and the same value is not asked for again."""
+    caplog.set_level(logging.INFO, logger="secureiod")
+    tunnel = Tunnel(two_sites(tmp_path), start=[])
+    netlink = tunnel.nodes["a"].netlink
+    netlink.fail("set_gso_max_size", "set gso_max_size: Operation not supported")
+    netlink.gso_max_size_kept = 65_536
+    tunnel.nodes["b"].netlink.gso_max_size_kept = 65_536
+    tunnel.start("a")
+    tunnel.start("b")
+    tunnel.wait_established(timeout=5)
+    for _ in range(3):
+        tunnel.round_trip("a", "b")
+    refused = [r.getMessage() for r in caplog.records if "setting gso_max_size" in r.message]
+    kept = [r.getMessage() for r in caplog.records if "the kernel kept gso_max_size" in r.message]
+    assert len(refused) == 1 and len(kept) == 1, (refused, kept)
+    assert "throughput only; Linux 5.19 or later can set it" in refused[0]
+    calls = [c for c in netlink.calls if c[0] == "set_gso_max_size"]
+    assert calls == [("set_gso_max_size", ("sio0", 60_886))]
+    assert device_status(tunnel.devices["a"], tunnel.sim.now)["gso_max_size"] == 65_536
+    assert device_status(tunnel.devices["b"], tunnel.sim.now)["gso_max_size"] == 65_536

@@ -37,6 +37,7 @@ from secureiod.daemon.nft import (
     table_name,
 )
 from secureiod.daemon.owned import OwnedNetlink, undo_leftovers
+from secureiod.daemon.status import device_status
 from secureiod.netlink import Netlink, NetlinkError
 
 T = 51820
@@ -317,7 +318,10 @@ def _boot(tunnel: Tunnel, name: str, *, preexisted: bool) -> object:
     return tunnel.start(name)
 
 
-def test_a_persistent_tun_gets_its_mtu_back(tmp_path: Path) -> None:
+def test_a_persistent_tun_gets_its_mtu_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="secureiod")
     builder = two_sites(tmp_path)
     tunnel = Tunnel(builder, start=[])
     netlink = tunnel.nodes["a"].netlink
@@ -330,9 +334,12 @@ def test_a_persistent_tun_gets_its_mtu_back(tmp_path: Path) -> None:
     assert netlink.mtu["sio0"] != 9000 and len(netlink.mtu_history) >= 2
     ledger = device.routes.netlink.ledger  # type: ignore[attr-defined]
     assert [i for i in ledger.items() if isinstance(i, OwnedMtu)] == [OwnedMtu("sio0", 9000)]
-    # its gso_max_size is the administrator's too: not set (nothing to give back)
+    # its gso_max_size is the administrator's too: not set (nothing to give back), not
+    # claimed in status, and the log says what to set
     assert not any(op == "set_gso_max_size" for op, _ in netlink.calls)
     assert tunnel.nodes["b"].netlink.gso_max_size == {"sio0": 44 * 1384 - 10}
+    assert device_status(device, tunnel.sim.now)["gso_max_size"] is None  # type: ignore[arg-type]
+    assert "`ip link set sio0 gso_max_size 60886` lets each TCP segment" in caplog.text
     device.close()  # type: ignore[attr-defined]
     device.give_back()  # type: ignore[attr-defined]
     assert netlink.mtu["sio0"] == 9000

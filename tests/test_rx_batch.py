@@ -630,6 +630,43 @@ def test_recv_runs_hands_over_gro_reads_as_runs() -> None:
         tx.close()
 
 
+def test_after_a_bulk_read_small_and_large_reads_stay_exact() -> None:
+    """A large GRO read makes the next read take its own buffer (``recv_runs``: no copy
+    of 64 KiB), a small one switches back to the shared buffer: whatever the order, every
+    read is its own bytes with the right datagrams and segment size, and none is changed
+    by a later read (each read below would overwrite a shared buffer)."""
+    rx = UdpSocket.bind(("127.0.0.1", 0), segmentation=True)
+    tx = UdpSocket.bind(("127.0.0.1", 0), segmentation=True)
+    try:
+        assert rx.gro and tx.gso
+        rng = random.Random(5)
+        sends = [
+            [rng.randbytes(1400) for _ in range(40)],  # bulk: the next read allocates
+            [rng.randbytes(1400) for _ in range(40)],
+            [rng.randbytes(90)],  # small: back to the shared buffer
+            [rng.randbytes(120)],
+            [rng.randbytes(1400) for _ in range(30)] + [rng.randbytes(7)],
+            [rng.randbytes(60)],
+        ]
+        got: list[tuple[bytes, int, Any]] = []
+        for datagrams in sends:  # one send at a time: one GRO read each
+            assert tx.send_batch(datagrams, rx.local_address) == []
+            deadline = time.monotonic() + 5
+            count = len(got)
+            while len(got) == count:
+                assert time.monotonic() < deadline
+                got.extend(rx.recv_runs(1))
+        assert [type(d) for d, _, _ in got] == [bytes] * len(sends)
+        for (data, seg, addr), datagrams in zip(got, sends, strict=True):
+            assert addr == tx.local_address
+            assert seg == len(datagrams[0])
+            assert [data[i : i + seg] for i in range(0, len(data), seg)] == datagrams
+        assert rx.stats.rx_datagrams == sum(map(len, sends))
+    finally:
+        rx.close()
+        tx.close()
+
+
 def test_switches_select_the_old_path() -> None:
     code = "from secureiod.secureio.rxbatch import RXBATCH; print(RXBATCH is None)"
     for var in ("SECUREIOD_NO_BATCH", "SECUREIOD_PURE_PYTHON"):

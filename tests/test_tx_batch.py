@@ -302,7 +302,8 @@ def _receive(sock: socket.socket, n: int, deadline: float) -> list[bytes]:
 @pytest.mark.parametrize("gso", [True, False])
 @pytest.mark.parametrize(
     ("segment", "count", "last"),
-    [(1445, 48, 1000), (1445, 1, 78), (9001, 9, 9001), (40_000, 2, 10)],
+    # 65269: a jumbo path's datagram, too big for GSO at all (above 65000): one per call
+    [(1445, 48, 1000), (1445, 1, 78), (9001, 9, 9001), (40_000, 2, 10), (65_269, 2, 100)],
 )
 def test_send_run_over_real_udp(gso: bool, segment: int, count: int, last: int) -> None:
     """Real UDP on 127.0.0.1: every datagram arrives whole and in order, cut at the GSO
@@ -425,9 +426,13 @@ def test_a_segment_of_the_tun_gso_size_leaves_in_one_send_and_one_more_does_not(
 
 
 def test_the_tun_gso_size_stays_in_the_kernels_bounds() -> None:
-    """1280..65536 whatever the path: tiny paths still get segments, a datagram too big
-    for GSO leaves the kernel's default, and no size is above what a TUN accepts."""
+    """1280..65536 whatever the path: tiny paths still get segments, no size is above
+    what a TUN accepts, and a path so wide that one datagram fills a send carries each
+    segment whole, unfragmented."""
     sizes = {p: gso_max_size_for(p) for p in range(147, 65217, 7)}
     assert all(1280 <= s <= 65536 for s in sizes.values())
-    assert sizes[147] < 10_000 and gso_max_size_for(65216) == 65536
+    assert sizes[147] < 10_000
     assert gso_max_size_for(1408) == 44 * (1408 - 24) - 10
+    # one datagram per send at most (a 32 KB path or more): a segment not fragmented at all
+    for payload in (32_448, 40_000, 64_947, 64_948, 65_216):
+        assert gso_max_size_for(payload) == payload - VNET_HDR_SIZE, payload

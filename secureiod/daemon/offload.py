@@ -90,12 +90,14 @@ def gso_max_size_for(payload_size: int) -> int:
     ``GSO_MAX_BYTES`` bytes. Left at the kernel's 65,536, a full segment is 47 datagrams
     on a 1500-byte path: two sends, two GRO reads at the peer, and a reassembly there that
     copies it three times; 44 datagrams (61,590 bytes) go in one of each and arrive as
-    one whole message. Bounded to 1280..65536: a tiny path still gets segments, and a
-    datagram too big for GSO at all leaves the kernel's default."""
+    one whole message. When at most one datagram fits a send (a path of 32 KB or more),
+    a segment that is not fragmented at all is best: ``payload_size - 10``. Bounded to
+    1280..65536 (the kernel's default, the most a TUN device takes)."""
     per_send = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // (payload_size + PACKET_OVERHEAD))
-    if per_send == 0:
-        return LEGACY_GSO_MAX_SIZE
-    size = per_send * (payload_size - FRAGMENT_HEADER_SIZE) - VNET_HDR_SIZE
+    if per_send <= 1:
+        size = payload_size - VNET_HDR_SIZE
+    else:
+        size = per_send * (payload_size - FRAGMENT_HEADER_SIZE) - VNET_HDR_SIZE
     return max(MIN_GSO_MAX_SIZE, min(LEGACY_GSO_MAX_SIZE, size))
 
 

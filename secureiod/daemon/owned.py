@@ -163,12 +163,12 @@ class OwnedNetlink:
                 )
         self.raw.set_mtu(name, mtu)
 
-    def set_gso_max_size(self, name: str, size: int) -> None:
+    def set_gso_max_size(self, name: str, size: int) -> int | None:
         """Only for a device this daemon created (``created``), which takes the setting
         with it when it goes: nothing to record or give back."""
         if not self.created:
             raise RuntimeError(f"{name} existed before this daemon: its gso_max_size stays")
-        self.raw.set_gso_max_size(name, size)
+        return self.raw.set_gso_max_size(name, size)
 
     def set_up(self, name: str) -> None:
         self.raw.set_up(name)

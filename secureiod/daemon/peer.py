@@ -158,6 +158,8 @@ class Peer:
         self.sessions_started = 0
         self.last_handshake_wall: float | None = None
         self.route_mtu: int | None = None
+        self.payload_size: int | None = None
+        """What its sessions carry per datagram, as last negotiated (``Routes``)."""
         self.restart_at: float | None = None
         self.keepalive_interval = float(config.persistent_keepalive or timing.keepalive_interval)
         self.offload = OffloadState()

@@ -63,8 +63,10 @@ class Routes:
         self.ifname = ifname
         self.interface = interface
         self.link_mtu: int | None = None
-        self.gso_max_size = LEGACY_GSO_MAX_SIZE
-        """The TUN device's ``gso_max_size`` as set (``offload.gso_max_size_for``)."""
+        self.gso_max_size: int | None = LEGACY_GSO_MAX_SIZE if created else None
+        """The TUN device's ``gso_max_size`` as the kernel reported it after we set it
+        (``offload.gso_max_size_for``); None: not known (a device someone else made)."""
+        self._gso_wanted: int | None = None
 
     def attach(
         self,
@@ -125,7 +127,14 @@ class Routes:
 
     def apply_payload_size(self, peer: Peer, size: int, peers: Iterable[Peer]) -> None:
         """Route MTU for this peer = its payload size; the link MTU follows the largest,
-        the device's GSO size the smallest."""
+        the device's segment size (gso_max_size) fits every peer's payload size."""
+        running = list(peers)
+        peer.payload_size = size
+        # The segment size before the routes: a TCP socket copies it when it checks its
+        # route, which the route writes below make every socket do; lowered after them,
+        # running streams would keep the larger one and the kernel would cut their
+        # segments into MTU-sized packets until their routes changed again.
+        self._follow_gso_size([p.payload_size for p in running if p.payload_size])
         fixed = self.interface.mtu
         mtu = min(size, fixed) if fixed else size
         if mtu == peer.route_mtu:
@@ -135,10 +144,8 @@ class Routes:
         peer.route_mtu = mtu
         logger.log(level, "peer %s: payload size %d, route MTU %d", peer.name, size, mtu)
         self.set_route_mtu(peer, peer.config.allowed_ips)
-        sizes = [p.route_mtu for p in peers if p.route_mtu]
         if fixed is None:
-            self._follow_link_mtu(sizes)
-        self._follow_gso_size(sizes)
+            self._follow_link_mtu([p.route_mtu for p in running if p.route_mtu])
 
     def set_route_mtu(self, peer: Peer, nets: Iterable[Network]) -> None:
         """Give ``peer``'s routes to ``nets`` its route MTU (if it has one yet). A failure
@@ -165,24 +172,50 @@ class Routes:
             except Exception as exc:
                 logger.warning("%s: setting MTU %d failed: %s", self.ifname, want, exc)
 
-    def _follow_gso_size(self, sizes: Sequence[int]) -> None:
+    def _follow_gso_size(self, payload_sizes: Sequence[int]) -> None:
         """Segments from the TUN device (TSO, ``offload.py``) sized so that each leaves in
-        one UDP GSO send toward every peer (the smallest of their fits; not always the
+        one UDP GSO send toward every peer: the smallest of their fits (not always the
         narrowest path's: more of its datagrams fit in one send). Only on a device this
-        daemon created: one it found keeps what its owner set. A kernel that refuses
-        (before 5.19) costs throughput, not function: one warning, the default stays."""
-        if not sizes or not self.netlink.created:
+        daemon created; one it found keeps what its owner set (an info line says what to
+        set). A kernel that refuses (before 5.19) costs throughput, not function: one
+        warning per value, never a retry per packet."""
+        if not payload_sizes:
             return
-        want = min(gso_max_size_for(size) for size in set(sizes))
-        if want == self.gso_max_size:
+        want = min(gso_max_size_for(size) for size in set(payload_sizes))
+        if want == self._gso_wanted:
+            return
+        self._gso_wanted = want
+        if not self.netlink.created:
+            logger.info(
+                "%s existed before this daemon: its gso_max_size is left as it is; "
+                "`ip link set %s gso_max_size %d` lets each TCP segment leave in one send",
+                self.ifname,
+                self.ifname,
+                want,
+            )
             return
         try:
-            self.netlink.set_gso_max_size(self.ifname, want)
+            got = self.netlink.set_gso_max_size(self.ifname, want)
         except Exception as exc:
-            logger.warning("%s: setting gso_max_size %d failed: %s", self.ifname, want, exc)
+            logger.warning(
+                "%s: setting gso_max_size %d failed (%s): TCP segments take two sends "
+                "(throughput only; Linux 5.19 or later can set it)",
+                self.ifname,
+                want,
+                exc,
+            )
+            return
+        self.gso_max_size = got
+        if got != want:
+            logger.warning(
+                "%s: the kernel kept gso_max_size %s instead of %d: TCP segments take two "
+                "sends (throughput only; Linux 5.19 or later can set it)",
+                self.ifname,
+                got,
+                want,
+            )
         else:
-            logger.debug("%s: gso_max_size %d", self.ifname, want)
-        self.gso_max_size = want
+            logger.info("%s: gso_max_size %d (one UDP send per TCP segment)", self.ifname, want)
 
     # -- reload ------------------------------------------------------------------------
 
@@ -266,8 +299,8 @@ class Routes:
                     self.apply_payload_size(peer, s.payload_size, running)
             if new.mtu is None:
                 self._follow_link_mtu([p.route_mtu for p in running if p.route_mtu])
-        # a peer that left may have been the one with the smallest path
-        self._follow_gso_size([p.route_mtu for p in running if p.route_mtu])
+        # a peer that left may have been the one with the smallest fit
+        self._follow_gso_size([p.payload_size for p in running if p.payload_size])
 
     def remove_all(self, peers: Iterable[Peer]) -> None:
         """On stop: give back everything the daemon added (routes, rules, addresses, DNS)
