@@ -163,7 +163,13 @@ SPECS: Final = (
     _spec(
         "secureiod_interface_mtu_bytes",
         "gauge",
-        'MTU of the TUN interface (with mtu = "auto", the smallest route MTU of its peers).',
+        'MTU of the TUN interface (with mtu = "auto", the largest route MTU of its peers).',
+    ),
+    _spec(
+        "secureiod_interface_gso_max_size_bytes",
+        "gauge",
+        "Largest TCP segment the TUN device hands over (gso_max_size), sized to leave in one "
+        "UDP send; absent on a device the daemon did not create.",
     ),
     _spec("secureiod_peers", "gauge", "Peers configured on the interface."),
     _spec("secureiod_peers_established", "gauge", "Peers whose session is established."),
@@ -515,6 +521,8 @@ class DeviceCollector:
             add("secureiod_interface_start_time_seconds", iface, self.started_wall)
         if d.routes.link_mtu is not None:
             add("secureiod_interface_mtu_bytes", iface, d.routes.link_mtu)
+        if d.routes.gso_max_size is not None:
+            add("secureiod_interface_gso_max_size_bytes", iface, d.routes.gso_max_size)
         peers = list(d.peers.values())
         add("secureiod_peers", iface, len(peers))
         add(
