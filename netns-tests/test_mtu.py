@@ -89,7 +89,7 @@ def test_a_jumbo_underlay_carries_tcp_whole(net: Net, big_file: tuple[Path, str]
     the first second: a send of such datagrams raised in the loop)."""
     a, b = net.pair(mtu=65535)
     assert a.peer("b")["payload_size"] == 65216
-    assert _gso_max_size(a) == a.status()["gso_max_size"] == gso_max_size_for(65216) == 65206
+    assert _gso_max_size(a) == a.status()["gso_max_size"] == gso_max_size_for(65216) == 59966
     path, digest = big_file
     sent_n, sent_hash, recv_n, recv_hash = (
         Transfer(a, b, b.tunnel4, path, timeout=90).start().wait()

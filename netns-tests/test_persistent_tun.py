@@ -45,7 +45,7 @@ def test_a_persistent_tun_keeps_its_mtu_and_stays(net: Net) -> None:
     # its segment size stays the administrator's; the log says what would fit, status
     # claims nothing
     assert _gso_max_size(a) == ADMIN_GSO and a.status()["gso_max_size"] is None
-    assert "`ip link set sio0 gso_max_size 60886` lets each TCP segment" in a.read_log()
+    assert "`ip link set sio0 gso_max_size 59966` lets each TCP segment" in a.read_log()
     a.assert_ping(b.tunnel4, count=2, interval=0.05)
     _sigterm(a)
     assert _mtu(a) == ADMIN_MTU

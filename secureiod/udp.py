@@ -45,10 +45,10 @@ DEFAULT_BUFFER_SIZE: Final = 4 * 1024 * 1024
 """Kernel socket buffers: large enough to ride out a burst while the loop is busy
 decrypting, so bursts are not dropped in the kernel before we even see them."""
 RECV_BUFFER_SIZE: Final = 65535 + 1024
-BULK_READ: Final = 16384
-"""A GRO read this large makes the next read allocate its own buffer (``recv_runs``)."""
 """Larger than any UDP payload (65507 on IPv4, 65527 on IPv6), so a datagram is never
 silently truncated: the protocol needs the peer's P + 53 bytes at least (§12 item 1)."""
+BULK_READ: Final = 16384
+"""A GRO read this large makes the next read allocate its own buffer (``recv_runs``)."""
 
 # Linux values; the ``socket`` module does not export them (include/uapi/linux/in.h, in6.h).
 _IP_MTU_DISCOVER: Final = getattr(socket, "IP_MTU_DISCOVER", 10)

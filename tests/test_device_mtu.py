@@ -6,13 +6,14 @@ as the daemon tells the kernel through netlink (``secureiod.daemon.routes``).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 from pathlib import Path
 
 import pytest
 from fakes import Sim, Tunnel, hub_and_spokes, two_sites, udp4
 
-from secureiod.daemon.offload import gso_max_size_for
+from secureiod.daemon.offload import SEGMENT_CEILING, gso_max_size_for
 from secureiod.daemon.routes import payload_limit_for_mtu
 from secureiod.daemon.status import device_status
 from secureiod.secureio.constants import PACKET_OVERHEAD
@@ -105,14 +106,14 @@ def test_a_fixed_mtu_caps_routes_and_is_left_alone(tmp_path: Path) -> None:
     assert tunnel.nodes["b"].netlink.routes[NET("198.19.0.1/32")] == ("sio0", 1408)
 
 
-SPOKE_MTUS = (("s1", 1400), ("s2", 1500), ("s3", 1350))
+SPOKE_MTUS = (("s1", 1000), ("s2", 1500), ("s3", 900))
 
 
-def test_the_device_gso_size_fits_one_send_toward_the_narrowest_path(tmp_path: Path) -> None:
+def test_the_device_gso_size_fits_one_send_toward_every_peer(tmp_path: Path) -> None:
     """TSO segments leave in one UDP GSO send (``offload.gso_max_size_for``) toward every
-    peer: the TUN device's gso_max_size is the smallest fit of their route MTUs (not the
-    narrowest path's, s3: 49 of its datagrams fit in one send, 47 of s1's), it
-    follows a reload that removes that peer, and ``status`` shows it."""
+    peer: the TUN device's gso_max_size is the smallest fit of their payload sizes (one
+    value, SEGMENT_CEILING, for all common paths), it follows a reload that removes the
+    peer that decided, ``status`` shows it, and each value is set once."""
     sim = Sim()
     for n, (_, mtu) in enumerate(SPOKE_MTUS, start=2):
         sim.wire.link("198.18.0.1", f"198.18.0.{n}", mtu=mtu)
@@ -121,34 +122,40 @@ def test_the_device_gso_size_fits_one_send_toward_the_narrowest_path(tmp_path: P
     tunnel.wait_established(timeout=5)
     netlink, device = tunnel.nodes["hub"].netlink, tunnel.devices["hub"]
     fits = {n: gso_max_size_for(payload_limit_for_mtu(m, False)) for n, m in SPOKE_MTUS}
-    assert fits == {"s1": 60_526, "s2": 60_886, "s3": 60_750}
-    assert netlink.gso_max_size["sio0"] == 60_526
-    assert device_status(device, tunnel.sim.now)["gso_max_size"] == 60_526
-    # set once per change, not once per peer or packet
-    sets = [args for op, args in netlink.calls if op == "set_gso_max_size"]
-    assert sets[-1] == ("sio0", 60_526) and len(sets) == len(set(sets)) <= 3
+    # 64 fragments of 888 and 792 bytes for the narrow paths
+    assert fits == {"s1": 56_822, "s2": SEGMENT_CEILING, "s3": 50_678}
+    assert netlink.gso_max_size["sio0"] == 50_678
+    assert device_status(device, tunnel.sim.now)["gso_max_size"] == 50_678
     # the spoke that decided leaves: the next smallest fit does
     hub = builder.nodes["hub"]
-    del hub.peers["s1"]
+    del hub.peers["s3"]
     hub.write()
     tunnel.call("hub", lambda now: device.reload())
-    assert netlink.gso_max_size["sio0"] == 60_750
-    # a two-site tunnel on 1500-byte paths: 44 fragments of 1,384 bytes per segment
+    assert netlink.gso_max_size["sio0"] == 56_822
+    # set once per change, not once per peer or packet
+    sets = [args[1] for op, args in netlink.calls if op == "set_gso_max_size"]
+    assert sets[-1] == 56_822 and len(sets) <= 4
+    assert all(a != b for a, b in itertools.pairwise(sets)), sets
+    # a two-site tunnel on 1500-byte paths: the common value
     pair = Tunnel(two_sites(tmp_path / "pair"))
     pair.wait_established(timeout=5)
-    assert pair.nodes["a"].netlink.gso_max_size["sio0"] == 44 * 1384 - 10
+    assert pair.nodes["a"].netlink.gso_max_size["sio0"] == SEGMENT_CEILING == 59_966
 
 
 def test_with_a_fixed_mtu_the_gso_size_fits_the_sessions_payload(tmp_path: Path) -> None:
     """A fixed MTU caps the routes, not what the session carries per datagram, which is
-    what fragments a segment: the fit is the payload size's (1408: 60,886), not the
-    route MTU's (1300 would give 61,238, two sends per segment)."""
+    what fragments a segment: on a 1000-byte path (payload 912) with mtu = 900 the fit is
+    the payload's (56,822), not the route MTU's (900: 56,054)."""
+    sim = Sim()
+    sim.wire.link(A_IP, B_IP, mtu=1000)
     builder = two_sites(tmp_path)
-    builder.nodes["a"].interface["mtu"] = 1300
-    tunnel = Tunnel(builder)
+    builder.nodes["a"].interface["mtu"] = 900
+    builder.nodes["a"].interface["address"] = ["198.19.0.1/24"]  # IPv6 needs 1280
+    tunnel = Tunnel(builder, sim=sim)
     tunnel.wait_established(timeout=5)
-    assert tunnel.peer("a", "b").session.payload_size == 1408  # type: ignore[union-attr]
-    assert tunnel.nodes["a"].netlink.gso_max_size["sio0"] == gso_max_size_for(1408) == 60_886
+    assert tunnel.peer("a", "b").session.payload_size == 912  # type: ignore[union-attr]
+    assert tunnel.peer("a", "b").route_mtu == 900
+    assert tunnel.nodes["a"].netlink.gso_max_size["sio0"] == gso_max_size_for(912) == 56_822
 
 
 def test_a_kernel_that_refuses_or_keeps_its_gso_size_costs_one_warning(
@@ -173,6 +180,32 @@ def test_a_kernel_that_refuses_or_keeps_its_gso_size_costs_one_warning(
     assert len(refused) == 1 and len(kept) == 1, (refused, kept)
     assert "throughput only; Linux 5.19 or later can set it" in refused[0]
     calls = [c for c in netlink.calls if c[0] == "set_gso_max_size"]
-    assert calls == [("set_gso_max_size", ("sio0", 60_886))]
+    assert calls == [("set_gso_max_size", ("sio0", SEGMENT_CEILING))]
     assert device_status(tunnel.devices["a"], tunnel.sim.now)["gso_max_size"] == 65_536
     assert device_status(tunnel.devices["b"], tunnel.sim.now)["gso_max_size"] == 65_536
+
+
+def test_a_lowered_gso_size_is_followed_by_a_route_write(tmp_path: Path) -> None:
+    """The kernel hands a running TCP socket the new segment size only when the socket
+    checks its route: after a lowering (here: the path narrows from 1000 to 900 bytes,
+    payload 912 → 816) a route write follows even when the route MTU stays (a fixed
+    MTU of 576 caps it), and the size is set before it."""
+    sim = Sim()
+    sim.wire.link(A_IP, B_IP, mtu=1000)
+    builder = two_sites(tmp_path)
+    builder.nodes["a"].interface["mtu"] = 576
+    builder.nodes["a"].interface["address"] = ["198.19.0.1/24"]  # IPv6 needs 1280
+    tunnel = Tunnel(builder, sim=sim)
+    tunnel.wait_established(timeout=5)
+    device, netlink = tunnel.devices["a"], tunnel.nodes["a"].netlink
+    peer = tunnel.peer("a", "b")
+    assert (peer.payload_size, peer.route_mtu, netlink.gso_max_size["sio0"]) == (912, 576, 56_822)
+    start = len(netlink.calls)
+    device.routes.apply_payload_size(peer, 816, device.peers.values())
+    ops = [op for op, _ in netlink.calls[start:]]
+    assert ops[0] == "set_gso_max_size" and "replace_route" in ops[1:], ops
+    assert (peer.route_mtu, netlink.gso_max_size["sio0"]) == (576, 50_678)
+    # raised again: nothing to re-check (a larger value only lets segments grow)
+    start = len(netlink.calls)
+    device.routes.apply_payload_size(peer, 912, device.peers.values())
+    assert [op for op, _ in netlink.calls[start:]] == ["set_gso_max_size"]

@@ -337,9 +337,9 @@ def test_a_persistent_tun_gets_its_mtu_back(
     # its gso_max_size is the administrator's too: not set (nothing to give back), not
     # claimed in status, and the log says what to set
     assert not any(op == "set_gso_max_size" for op, _ in netlink.calls)
-    assert tunnel.nodes["b"].netlink.gso_max_size == {"sio0": 44 * 1384 - 10}
+    assert tunnel.nodes["b"].netlink.gso_max_size == {"sio0": 59_966}
     assert device_status(device, tunnel.sim.now)["gso_max_size"] is None  # type: ignore[arg-type]
-    assert "`ip link set sio0 gso_max_size 60886` lets each TCP segment" in caplog.text
+    assert "`ip link set sio0 gso_max_size 59966` lets each TCP segment" in caplog.text
     device.close()  # type: ignore[attr-defined]
     device.give_back()  # type: ignore[attr-defined]
     assert netlink.mtu["sio0"] == 9000

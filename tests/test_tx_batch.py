@@ -23,7 +23,12 @@ import pytest
 from fakes import Tunnel, ipv4, two_sites
 from test_session import established, make_pair
 
-from secureiod.daemon.offload import VNET_HDR_SIZE, gso_max_size_for
+from secureiod.daemon.offload import (
+    COMMON_PAYLOAD_SIZES,
+    SEGMENT_CEILING,
+    VNET_HDR_SIZE,
+    gso_max_size_for,
+)
 from secureiod.secureio import MessageType, packet
 from secureiod.secureio.constants import FRAGMENT_HEADER_SIZE, PACKET_OVERHEAD
 from secureiod.secureio.datagram_run import DatagramRun
@@ -426,13 +431,17 @@ def test_a_segment_of_the_tun_gso_size_leaves_in_one_send_and_one_more_does_not(
 
 
 def test_the_tun_gso_size_stays_in_the_kernels_bounds() -> None:
-    """1280..65536 whatever the path: tiny paths still get segments, no size is above
-    what a TUN accepts, and a path so wide that one datagram fills a send carries each
-    segment whole, unfragmented."""
+    """1280..SEGMENT_CEILING whatever the path: tiny paths still get segments, every
+    common path the same value, and a path so wide that one datagram fills a send
+    carries each segment whole, unfragmented."""
     sizes = {p: gso_max_size_for(p) for p in range(147, 65217, 7)}
-    assert all(1280 <= s <= 65536 for s in sizes.values())
+    assert all(1280 <= s <= SEGMENT_CEILING for s in sizes.values())
     assert sizes[147] < 10_000
-    assert gso_max_size_for(1408) == 44 * (1408 - 24) - 10
+    # one value for every common path (1280-byte IPv6 to 1500-byte IPv4), the smallest
+    # of their fits: 60,886 would fit a 1500-byte IPv4 path (44 fragments of 1,384)
+    assert SEGMENT_CEILING == 59_966 < 44 * (1408 - 24) - 10
+    assert {gso_max_size_for(p) for p in COMMON_PAYLOAD_SIZES} == {SEGMENT_CEILING}
     # one datagram per send at most (a 32 KB path or more): a segment not fragmented at all
-    for payload in (32_448, 40_000, 64_947, 64_948, 65_216):
+    for payload in (32_448, 40_000, 59_976):
         assert gso_max_size_for(payload) == payload - VNET_HDR_SIZE, payload
+    assert gso_max_size_for(65_216) == SEGMENT_CEILING

@@ -79,6 +79,25 @@ LEGACY_GSO_MAX_SIZE: Final = 65536
 """A TUN device's ``gso_max_size`` when nobody set it (``GSO_LEGACY_MAX_SIZE``)."""
 
 
+def _fit(payload_size: int) -> int:
+    per_send = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // (payload_size + PACKET_OVERHEAD))
+    if per_send <= 1:  # a segment not fragmented at all
+        return payload_size - VNET_HDR_SIZE
+    return per_send * (payload_size - FRAGMENT_HEADER_SIZE) - VNET_HDR_SIZE
+
+
+COMMON_PAYLOAD_SIZES: Final = range(1168, 1409, 16)
+"""Payload sizes of the paths most tunnels run on: 1280-byte IPv6 (1168) to 1500-byte IPv4
+(1408) underlays."""
+SEGMENT_CEILING: Final = min(_fit(p) for p in COMMON_PAYLOAD_SIZES)  # 59,966
+"""``gso_max_size`` never goes above the smallest fit of the common paths, so it is the same
+on all of them and a peer on another common path never lowers it: the kernel copies the
+value into a TCP socket only when the socket checks its route, and a stream that kept a
+larger one would have its segments cut into MTU-sized packets (a third of the speed). TCP
+keeps its segments about 300 bytes under the value, so a lowering smaller than that is
+harmless too. Costs 1.5 % more segments than the exact fit on a 1500-byte path."""
+
+
 def gso_max_size_for(payload_size: int) -> int:
     """The TUN device's ``gso_max_size`` (bytes of IP packet) that lets every segment it
     hands us leave in ONE UDP GSO send toward a peer whose session carries
@@ -89,16 +108,11 @@ def gso_max_size_for(payload_size: int) -> int:
     of it (PROTOCOL §4, §6); one send takes at most ``GSO_MAX_SEGMENTS`` datagrams and
     ``GSO_MAX_BYTES`` bytes. Left at the kernel's 65,536, a full segment is 47 datagrams
     on a 1500-byte path: two sends, two GRO reads at the peer, and a reassembly there that
-    copies it three times; 44 datagrams (61,590 bytes) go in one of each and arrive as
-    one whole message. When at most one datagram fits a send (a path of 32 KB or more),
-    a segment that is not fragmented at all is best: ``payload_size - 10``. Bounded to
-    1280..65536 (the kernel's default, the most a TUN device takes)."""
-    per_send = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // (payload_size + PACKET_OVERHEAD))
-    if per_send <= 1:
-        size = payload_size - VNET_HDR_SIZE
-    else:
-        size = per_send * (payload_size - FRAGMENT_HEADER_SIZE) - VNET_HDR_SIZE
-    return max(MIN_GSO_MAX_SIZE, min(LEGACY_GSO_MAX_SIZE, size))
+    copies it three times; 44 datagrams go in one of each and arrive as one whole
+    message. When at most one datagram fits a send (a path of 32 KB or more), a segment
+    not fragmented at all: ``payload_size - 10``. At most ``SEGMENT_CEILING`` (59,966),
+    at least 1280."""
+    return max(MIN_GSO_MAX_SIZE, min(SEGMENT_CEILING, _fit(payload_size)))
 
 
 def encode_caps(caps: int) -> bytes:

@@ -131,13 +131,16 @@ class Routes:
         running = list(peers)
         peer.payload_size = size
         # The segment size before the routes: a TCP socket copies it when it checks its
-        # route, which the route writes below make every socket do; lowered after them,
-        # running streams would keep the larger one and the kernel would cut their
-        # segments into MTU-sized packets until their routes changed again.
-        self._follow_gso_size([p.payload_size for p in running if p.payload_size])
+        # route, which a route write makes it do (every IPv4 socket; an IPv6 one when the
+        # write is on its branch of the table); lowered after the writes, running streams
+        # would keep the larger one and the kernel would cut their segments into
+        # MTU-sized packets. (On common paths it never moves: SEGMENT_CEILING.)
+        lowered = self._follow_gso_size([p.payload_size for p in running if p.payload_size])
         fixed = self.interface.mtu
         mtu = min(size, fixed) if fixed else size
         if mtu == peer.route_mtu:
+            if lowered:  # a fixed MTU: no route write would follow, so one is made
+                self.set_route_mtu(peer, peer.config.allowed_ips)
             return
         # The first size is news; a change is logged by ``pmtu`` (one line, rate-limited).
         level = logging.INFO if peer.route_mtu is None else logging.DEBUG
@@ -172,18 +175,18 @@ class Routes:
             except Exception as exc:
                 logger.warning("%s: setting MTU %d failed: %s", self.ifname, want, exc)
 
-    def _follow_gso_size(self, payload_sizes: Sequence[int]) -> None:
+    def _follow_gso_size(self, payload_sizes: Sequence[int]) -> bool:
         """Segments from the TUN device (TSO, ``offload.py``) sized so that each leaves in
         one UDP GSO send toward every peer: the smallest of their fits (not always the
         narrowest path's: more of its datagrams fit in one send). Only on a device this
         daemon created; one it found keeps what its owner set (an info line says what to
         set). A kernel that refuses (before 5.19) costs throughput, not function: one
-        warning per value, never a retry per packet."""
+        warning per value, never a retry per packet. True: the device's value went down."""
         if not payload_sizes:
-            return
+            return False
         want = min(gso_max_size_for(size) for size in set(payload_sizes))
         if want == self._gso_wanted:
-            return
+            return False
         self._gso_wanted = want
         if not self.netlink.created:
             logger.info(
@@ -193,7 +196,8 @@ class Routes:
                 self.ifname,
                 want,
             )
-            return
+            return False
+        before = self.gso_max_size
         try:
             got = self.netlink.set_gso_max_size(self.ifname, want)
         except Exception as exc:
@@ -204,9 +208,13 @@ class Routes:
                 want,
                 exc,
             )
-            return
+            return False
         self.gso_max_size = got
-        if got != want:
+        if got is None:
+            logger.info(
+                "%s: gso_max_size %d set (the kernel does not report it)", self.ifname, want
+            )
+        elif got != want:
             logger.warning(
                 "%s: the kernel kept gso_max_size %s instead of %d: TCP segments take two "
                 "sends (throughput only; Linux 5.19 or later can set it)",
@@ -216,6 +224,7 @@ class Routes:
             )
         else:
             logger.info("%s: gso_max_size %d (one UDP send per TCP segment)", self.ifname, want)
+        return got is not None and before is not None and got < before
 
     # -- reload ------------------------------------------------------------------------
 
