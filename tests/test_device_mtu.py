@@ -142,17 +142,23 @@ def test_the_device_gso_size_fits_one_send_toward_every_peer(tmp_path: Path) -> 
     assert pair.nodes["a"].netlink.gso_max_size["sio0"] == SEGMENT_CEILING == 59_966
 
 
+def _fixed_mtu_on_a_1000_byte_path(tmp_path: Path, mtu: int) -> Tunnel:
+    """Sites a (IPv4 only, for an MTU below IPv6's 1280: ``mtu``) and b, established."""
+    sim = Sim()
+    sim.wire.link(A_IP, B_IP, mtu=1000)
+    builder = two_sites(tmp_path)
+    builder.nodes["a"].interface["mtu"] = mtu
+    builder.nodes["a"].interface["address"] = ["198.19.0.1/24"]
+    tunnel = Tunnel(builder, sim=sim)
+    tunnel.wait_established(timeout=5)
+    return tunnel
+
+
 def test_with_a_fixed_mtu_the_gso_size_fits_the_sessions_payload(tmp_path: Path) -> None:
     """A fixed MTU caps the routes, not what the session carries per datagram, which is
     what fragments a segment: on a 1000-byte path (payload 912) with mtu = 900 the fit is
     the payload's (56,822), not the route MTU's (900: 56,054)."""
-    sim = Sim()
-    sim.wire.link(A_IP, B_IP, mtu=1000)
-    builder = two_sites(tmp_path)
-    builder.nodes["a"].interface["mtu"] = 900
-    builder.nodes["a"].interface["address"] = ["198.19.0.1/24"]  # IPv6 needs 1280
-    tunnel = Tunnel(builder, sim=sim)
-    tunnel.wait_established(timeout=5)
+    tunnel = _fixed_mtu_on_a_1000_byte_path(tmp_path, 900)
     assert tunnel.peer("a", "b").session.payload_size == 912  # type: ignore[union-attr]
     assert tunnel.peer("a", "b").route_mtu == 900
     assert tunnel.nodes["a"].netlink.gso_max_size["sio0"] == gso_max_size_for(912) == 56_822
@@ -190,13 +196,7 @@ def test_a_lowered_gso_size_is_followed_by_a_route_write(tmp_path: Path) -> None
     checks its route: after a lowering (here: the path narrows from 1000 to 900 bytes,
     payload 912 → 816) a route write follows even when the route MTU stays (a fixed
     MTU of 576 caps it), and the size is set before it."""
-    sim = Sim()
-    sim.wire.link(A_IP, B_IP, mtu=1000)
-    builder = two_sites(tmp_path)
-    builder.nodes["a"].interface["mtu"] = 576
-    builder.nodes["a"].interface["address"] = ["198.19.0.1/24"]  # IPv6 needs 1280
-    tunnel = Tunnel(builder, sim=sim)
-    tunnel.wait_established(timeout=5)
+    tunnel = _fixed_mtu_on_a_1000_byte_path(tmp_path, 576)
     device, netlink = tunnel.devices["a"], tunnel.nodes["a"].netlink
     peer = tunnel.peer("a", "b")
     assert (peer.payload_size, peer.route_mtu, netlink.gso_max_size["sio0"]) == (912, 576, 56_822)

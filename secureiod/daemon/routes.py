@@ -128,14 +128,13 @@ class Routes:
     def apply_payload_size(self, peer: Peer, size: int, peers: Iterable[Peer]) -> None:
         """Route MTU for this peer = its payload size; the link MTU follows the largest,
         the device's segment size (gso_max_size) fits every peer's payload size."""
-        running = list(peers)
-        peer.payload_size = size
+        old, peer.payload_size = peer.payload_size, size
         # The segment size before the routes: a TCP socket copies it when it checks its
         # route, which a route write makes it do (every IPv4 socket; an IPv6 one when the
         # write is on its branch of the table); lowered after the writes, running streams
         # would keep the larger one and the kernel would cut their segments into
         # MTU-sized packets. (On common paths it never moves: SEGMENT_CEILING.)
-        lowered = self._follow_gso_size([p.payload_size for p in running if p.payload_size])
+        lowered = size != old and self._payload_size_changed(old, size, peers)
         fixed = self.interface.mtu
         mtu = min(size, fixed) if fixed else size
         if mtu == peer.route_mtu:
@@ -148,7 +147,26 @@ class Routes:
         logger.log(level, "peer %s: payload size %d, route MTU %d", peer.name, size, mtu)
         self.set_route_mtu(peer, peer.config.allowed_ips)
         if fixed is None:
-            self._follow_link_mtu([p.route_mtu for p in running if p.route_mtu])
+            self._follow_link_mtu([p.route_mtu for p in peers if p.route_mtu])
+
+    def _payload_size_changed(self, old: int | None, new: int, peers: Iterable[Peer]) -> bool:
+        """The device's segment size after one peer's payload size went from ``old`` to
+        ``new``: one comparison, unless the peer that decided it now allows more (then a
+        pass over ``peers``, which must be iterable again: the dict's values or a list).
+        A hub whose 10,000 peers establish one after another does not pass over all of
+        them for each. True: the device's value went down."""
+        fit = gso_max_size_for(new)
+        current = self._gso_wanted
+        if current is None or fit < current:
+            return self._follow_gso_size(fit)
+        if old is not None and fit > current == gso_max_size_for(old):
+            return self._follow_gso_size(self._smallest_fit(peers))
+        return False
+
+    @staticmethod
+    def _smallest_fit(peers: Iterable[Peer]) -> int | None:
+        sizes = {p.payload_size for p in peers if p.payload_size}
+        return min(gso_max_size_for(size) for size in sizes) if sizes else None
 
     def set_route_mtu(self, peer: Peer, nets: Iterable[Network]) -> None:
         """Give ``peer``'s routes to ``nets`` its route MTU (if it has one yet). A failure
@@ -175,17 +193,15 @@ class Routes:
             except Exception as exc:
                 logger.warning("%s: setting MTU %d failed: %s", self.ifname, want, exc)
 
-    def _follow_gso_size(self, payload_sizes: Sequence[int]) -> bool:
+    def _follow_gso_size(self, want: int | None) -> bool:
         """Segments from the TUN device (TSO, ``offload.py``) sized so that each leaves in
-        one UDP GSO send toward every peer: the smallest of their fits (not always the
-        narrowest path's: more of its datagrams fit in one send). Only on a device this
-        daemon created; one it found keeps what its owner set (an info line says what to
-        set). A kernel that refuses (before 5.19) costs throughput, not function: one
-        warning per value, never a retry per packet. True: the device's value went down."""
-        if not payload_sizes:
-            return False
-        want = min(gso_max_size_for(size) for size in set(payload_sizes))
-        if want == self._gso_wanted:
+        one UDP GSO send toward every peer: ``want`` is the smallest of their fits (not
+        always the narrowest path's: more of its datagrams fit in one send). Only on a
+        device this daemon created; one it found keeps what its owner set (an info line
+        says what to set). A kernel that refuses (before 5.19) costs throughput, not
+        function: one warning per value, never a retry per packet. True: the device's
+        value went down."""
+        if want is None or want == self._gso_wanted:
             return False
         self._gso_wanted = want
         if not self.netlink.created:
@@ -309,7 +325,7 @@ class Routes:
             if new.mtu is None:
                 self._follow_link_mtu([p.route_mtu for p in running if p.route_mtu])
         # a peer that left may have been the one with the smallest fit
-        self._follow_gso_size([p.payload_size for p in running if p.payload_size])
+        self._follow_gso_size(self._smallest_fit(running))
 
     def remove_all(self, peers: Iterable[Peer]) -> None:
         """On stop: give back everything the daemon added (routes, rules, addresses, DNS)
