@@ -112,23 +112,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture
 def hub(net: harness.Net) -> tuple[harness.Node, harness.Node, harness.Node]:
-    """Hub A with spokes B and C on two underlay links, each spoke knowing only A; all
-    established."""
-    a = net.node("a")  # 198.19.0.1
-    b = net.node("b")  # 198.19.0.2
-    c = net.node("c")  # 198.19.0.3
-    net.link(a.ns, b.ns, "198.18.1.1/24", "198.18.1.2/24")
-    net.link(a.ns, c.ns, "198.18.2.1/24", "198.18.2.2/24")
-    a.add_peer(b, endpoint="198.18.1.2:5800")
-    a.add_peer(c, endpoint="198.18.2.2:5800")
-    b.add_peer(a, endpoint="198.18.1.1:5800")
-    c.add_peer(a, endpoint="198.18.2.1:5800")
-    for node in (a, b, c):
-        node.start(wait=False)
-    for node in (a, b, c):
-        node.wait_ready()
-    a.wait_established("b")
-    a.wait_established("c")
-    b.wait_established("a")
-    c.wait_established("a")
-    return a, b, c
+    """Hub A with spokes B and C (``Net.hub``), all established."""
+    return net.hub()

@@ -389,6 +389,32 @@ class Net:
             b.wait_established("a", timeout)
         return a, b
 
+    def hub(self, *, hub_knows_c: bool = True) -> tuple[Node, Node, Node]:
+        """Hub ``a`` with spokes ``b`` and ``c`` on two underlay links (198.18.1.0/24,
+        198.18.2.0/24), each spoke knowing only the hub; started, and established between
+        the hub and every spoke it knows. ``hub_knows_c=False``: the hub's config leaves
+        ``c`` out (a test adds it by reload), while ``c`` knows the hub from the start."""
+        a = self.node("a")  # 198.19.0.1
+        b = self.node("b")  # 198.19.0.2
+        c = self.node("c")  # 198.19.0.3
+        self.link(a.ns, b.ns, "198.18.1.1/24", "198.18.1.2/24")
+        self.link(a.ns, c.ns, "198.18.2.1/24", "198.18.2.2/24")
+        a.add_peer(b, endpoint="198.18.1.2:5800")
+        if hub_knows_c:
+            a.add_peer(c, endpoint="198.18.2.2:5800")
+        b.add_peer(a, endpoint="198.18.1.1:5800")
+        c.add_peer(a, endpoint="198.18.2.1:5800")
+        for node in (a, b, c):
+            node.start(wait=False)
+        for node in (a, b, c):
+            node.wait_ready()
+        a.wait_established("b")
+        b.wait_established("a")
+        if hub_knows_c:
+            a.wait_established("c")
+            c.wait_established("a")
+        return a, b, c
+
     # -- helper processes --
 
     def popen(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:

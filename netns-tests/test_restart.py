@@ -45,19 +45,8 @@ def test_kill9_and_restart(net: Net) -> None:
 def test_reload_adds_peer_during_stream(net: Net, big_file: tuple[Path, str]) -> None:
     path, digest = big_file
     size = path.stat().st_size
-    a = net.node("a")  # the hub: starts with peer b only
-    b = net.node("b")
-    c = net.node("c")  # configured for A from the start; A learns of it by reload
-    net.link(a.ns, b.ns, "198.18.1.1/24", "198.18.1.2/24")
-    net.link(a.ns, c.ns, "198.18.2.1/24", "198.18.2.2/24")
-    a.add_peer(b, endpoint="198.18.1.2:5800")
-    b.add_peer(a, endpoint="198.18.1.1:5800")
-    c.add_peer(a, endpoint="198.18.2.1:5800")
-    for node in (a, b, c):
-        node.start(wait=False)
-    for node in (a, b, c):
-        node.wait_ready()
-    a.wait_established("b")
+    # the hub A starts with peer b only; c knows A from the start, A learns of it by reload
+    a, b, c = net.hub(hub_knows_c=False)
     assert [p["name"] for p in a.peers()] == ["b"]
 
     transfer = Transfer(a, b, b.tunnel4, path, timeout=90).start()
