@@ -19,9 +19,10 @@ import pytest
 from blake3 import blake3
 from captures import CAPTURE_FILES, load_capture
 
-from secureiod.secureio import packet
-from secureiod.secureio.errors import SecureioError
+from secureiod.secureio import MessageType, packet
+from secureiod.secureio.errors import MalformedError, SecureioError
 from secureiod.secureio.packet import PacketKey, open_python, seal_python
+from secureiod.secureio.wire import encode_message, iter_messages, split_messages
 
 
 def _outcome(fn, *args):  # type: ignore[no-untyped-def]
@@ -290,3 +291,46 @@ def test_calls_in_several_threads_at_once_give_the_single_thread_bytes() -> None
     for t in threads:
         t.join()
     assert not errors, errors[:5]
+
+
+def _message_areas(rng: random.Random) -> list[bytes]:
+    """Well-formed message areas, and the same cut short or with a length field bent."""
+    areas = [b""]
+    for _ in range(400):
+        area = b"".join(
+            encode_message(
+                rng.choice([0, 1, MessageType.READ_WRITE, 0xFFFFFFEF, 0xFFFFFFFF]),
+                rng.randbytes(rng.choice([0, 1, 8, 64, 1400])),
+                rng.choice([0, 0x01, 0x80, 0x81, 0xFF]),
+            )
+            for _ in range(rng.randint(1, 12))
+        )
+        areas.append(area)
+        areas.append(area[: rng.randrange(len(area) + 1)])
+        bent = bytearray(area)
+        at = rng.randrange(0, max(1, len(bent) - 8))
+        bent[at + 4 : at + 8] = rng.getrandbits(32).to_bytes(4, "little")
+        areas.append(bytes(bent))
+    return areas
+
+
+def test_split_messages_is_the_reference_on_good_cut_and_bent_areas() -> None:
+    """``_accel.split_messages`` (the session's per-packet message walk) gives what
+    ``wire.split_messages`` gives, which gives what ``iter_messages`` yields, including
+    the messages before a truncated header or an overlong length and ``complete``."""
+    split = packet.ACCEL.split_messages  # type: ignore[union-attr]
+    for area in _message_areas(random.Random(13)):
+        expected = split_messages(area)
+        assert split(area) == expected
+        assert split(memoryview(area)) == expected
+        assert split(bytearray(area)) == expected
+        walked: list[tuple[int, int, bytes]] = []
+        try:
+            for m in iter_messages(area):
+                walked.append((m.type, m.flags, bytes(m.payload)))
+        except MalformedError:
+            assert expected == (walked, False)
+        else:
+            assert expected == (walked, True)
+    with pytest.raises(TypeError):
+        split("not bytes")

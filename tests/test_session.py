@@ -593,3 +593,25 @@ def test_key_exchange_flood_is_rate_limited() -> None:
     link.run(12.0)  # rotations after the flood are processed normally
     assert b.key_rotations[1] >= 2
     assert b.state == SessionState.ESTABLISHED
+
+
+def test_messages_before_a_truncated_one_are_delivered_and_the_rest_counted() -> None:
+    """An authentic datagram whose message area ends in a cut header, or in a length that
+    runs past its end: the complete messages before it are delivered (as the reference
+    delivers them), the rest is counted once, and the session goes on."""
+    link = _established_pair()
+    a = link.a.session
+    good = encode_message(RW, b"one") + encode_message(RW, b"two")
+    overlong = bytearray(encode_message(RW, b"three"))
+    overlong[4:8] = (1000).to_bytes(4, "little")
+    for tail in (encode_message(RW, b"cut")[:5], bytes(overlong)):
+        a._seal(a._kx.send_key, good + tail, link.now)  # type: ignore[arg-type]
+        link.pump()
+        link.run(0.1)
+    assert link.b.messages(RW) == [b"one", b"two", b"one", b"two"]
+    assert link.b.session.stats.drops["truncated-message"] == 2
+    a.write_message(RW, b"after", link.now)
+    link.pump()
+    link.run(0.5)
+    assert link.b.messages(RW)[-1] == b"after"
+    assert link.b.session.state == SessionState.ESTABLISHED

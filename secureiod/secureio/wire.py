@@ -117,3 +117,21 @@ def iter_messages(buf: bytes | memoryview) -> Iterator[Message]:
             raise MalformedError(f"message length {length} at offset {pos} runs past the end")
         yield Message(mtype, flags, view[start:stop])
         pos = stop
+
+
+def split_messages(buf: bytes | memoryview) -> tuple[list[tuple[int, int, bytes]], bool]:
+    """All messages of an opened packet at once: ``([(type, flags, payload), ...],
+    complete)``; ``complete`` is False when a truncated header or an overlong length
+    ended the walk, after the messages before it (as ``iter_messages`` raises there).
+
+    The receive path's shape: one call per packet, payloads as their own bytes (a small
+    packet is copied once anyway, to outlive the receive buffer). The reference for
+    ``_accel.split_messages``, which the session uses when it is built.
+    """
+    out: list[tuple[int, int, bytes]] = []
+    try:
+        for m in iter_messages(buf):
+            out.append((m.type, m.flags, bytes(m.payload)))
+    except MalformedError:
+        return out, False
+    return out, True
