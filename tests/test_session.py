@@ -18,6 +18,7 @@ from secureiod.secureio.keyexchange import KeyExchangeOptions
 from secureiod.secureio.kx_message import AnswersMode
 from secureiod.secureio.negotiation import NegotiationOptions
 from secureiod.secureio.path import Address
+from secureiod.secureio.reassembly import fragment_message
 from secureiod.secureio.session import (
     PayloadTooBigError,
     Session,
@@ -608,10 +609,36 @@ def test_messages_before_a_truncated_one_are_delivered_and_the_rest_counted() ->
         a._seal(a._kx.send_key, good + tail, link.now)  # type: ignore[arg-type]
         link.pump()
         link.run(0.1)
-    assert link.b.messages(RW) == [b"one", b"two", b"one", b"two"]
-    assert link.b.session.stats.drops["truncated-message"] == 2
+    # fragments among other messages (not a lone fragment: that has its own path)
+    big = random.Random(3).randbytes(2500)
+    pieces = b"".join(fragment_message(RW, big, 5, 1000))
+    a._seal(a._kx.send_key, good + pieces + encode_message(RW, b"last") + tail, link.now)  # type: ignore[arg-type]
+    link.pump()
+    link.run(0.1)
+    assert link.b.messages(RW) == [b"one", b"two"] * 3 + [big, b"last"]
+    assert link.b.session.stats.drops["truncated-message"] == 3
     a.write_message(RW, b"after", link.now)
     link.pump()
     link.run(0.5)
     assert link.b.messages(RW)[-1] == b"after"
     assert link.b.session.state == SessionState.ESTABLISHED
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_go_style_fragments_in_a_clear_packet(accept: bool) -> None:
+    """A reference peer sends its fragments in clear packets with flags 0x02 (PROTOCOL §9.1):
+    reassembled with ``accept_unencrypted_fragments``, refused and counted without it."""
+    link = _established_pair(options=SessionOptions(accept_unencrypted_fragments=accept))
+    big = random.Random(4).randbytes(2500)
+    pieces = bytearray(b"".join(fragment_message(RW, big, 6, 1000)))
+    at = 0
+    while at < len(pieces):  # flags byte: FRAGMENTED only, as the reference sends them
+        pieces[at + 8] = 0x02
+        at += 9 + int.from_bytes(pieces[at + 4 : at + 8], "little")
+    link.inject(link.b, seal(PacketKey.clear(), 7, bytes(pieces)))
+    link.run(0.1)
+    if accept:
+        assert link.b.messages(RW) == [big]
+    else:
+        assert link.b.messages(RW) == []
+        assert link.b.session.stats.drops["unencrypted-payload"] == 1

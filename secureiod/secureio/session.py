@@ -118,8 +118,9 @@ _GO_COVERAGE_WORD: Final = 64
 """A reference receiver counts fragment coverage in 64-byte words (§9.2): re-split
 fragments start on word boundaries so its count stays exact."""
 _KX_BURST: Final = 20.0
-_SPLIT: Final = split_messages if ACCEL is None else ACCEL.split_messages  # type: ignore[attr-defined]
-"""The message framing of a received packet, in one call (``wire.split_messages``)."""
+_SPLIT: Final = getattr(ACCEL, "split_messages", split_messages)
+"""The message framing of a received packet, in one call (``wire.split_messages``); the
+reference when the C build is missing or older than the function."""
 
 
 class SessionClosedError(SecureioError):

@@ -103,7 +103,7 @@ def iter_messages(buf: bytes | memoryview) -> Iterator[Message]:
     Payloads are memoryviews into ``buf`` so that splitting an aggregated packet copies
     nothing. Raises ``MalformedError`` at the first truncated header or overlong length.
     """
-    view = memoryview(buf)
+    view = memoryview(buf).cast("B")  # lengths in bytes whatever the buffer's item size
     end = len(view)
     pos = 0
     unpack = MESSAGE_HEADER.unpack_from
