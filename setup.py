@@ -1,37 +1,30 @@
 """Build the optional C accelerator; everything else is in pyproject.toml.
 
-The extension is ``optional``: where libsodium's or OpenSSL's headers (libsodium-dev,
+The extensions are ``optional``: where libsodium's or OpenSSL's headers (libsodium-dev,
 libssl-dev) or a compiler are missing the install still succeeds and
 ``secureiod.secureio.packet`` uses its pure-Python path.
 """
 
 from setuptools import Extension, setup
 
+
+def _extension(name: str, source: str) -> Extension:
+    """One of the three modules: all share the packet construction (``_construction.h``),
+    libsodium and libcrypto, and the same warnings."""
+    return Extension(
+        name,
+        [source],
+        depends=["secureiod/secureio/_construction.h"],
+        libraries=["sodium", "crypto"],
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        optional=True,
+    )
+
+
 setup(
     ext_modules=[
-        Extension(
-            "secureiod.secureio._accel",
-            ["secureiod/secureio/_accel.c"],
-            depends=["secureiod/secureio/_construction.h"],
-            libraries=["sodium", "crypto"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-            optional=True,
-        ),
-        Extension(
-            "secureiod.secureio._rxbatch",
-            ["secureiod/secureio/_rxbatch.c"],
-            depends=["secureiod/secureio/_construction.h"],
-            libraries=["sodium", "crypto"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-            optional=True,
-        ),
-        Extension(
-            "secureiod.daemon._fastpath",
-            ["secureiod/daemon/_fastpath.c"],
-            depends=["secureiod/secureio/_construction.h"],
-            libraries=["sodium", "crypto"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-            optional=True,
-        ),
+        _extension("secureiod.secureio._accel", "secureiod/secureio/_accel.c"),
+        _extension("secureiod.secureio._rxbatch", "secureiod/secureio/_rxbatch.c"),
+        _extension("secureiod.daemon._fastpath", "secureiod/daemon/_fastpath.c"),
     ]
 )

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from fakes import Tunnel, boot, two_sites
+from identities import ID_A, ID_B
 from wire_double import ADDR_A, ADDR_B, Link, PathRules
 
 from secureiod.secureio import KeyExchangeMessage, MessageType, PacketKey, open_packet, seal
@@ -37,8 +38,6 @@ from secureiod.secureio.wire import SessionID, encode_message
 
 RW = MessageType.READ_WRITE
 KX = MessageType.KEY_EXCHANGE
-ID_A = Identity.from_seed(bytes(range(32)))
-ID_B = Identity.from_seed(bytes(range(32, 64)))
 EVE: Address = ("203.0.113.66", 40000)
 ATTACKER: Address = ("198.18.0.66", 6666)
 T0_NS = 1_700_000_000_000_000_000

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from fakes import Tunnel, ipv4, ping4, two_sites
+from identities import ID_A, ID_B
 
 from secureiod.daemon.peer import DATA_TYPE
 from secureiod.daemon.receive import ReceivePath
@@ -32,8 +33,6 @@ from secureiod.secureio.session import (
     SessionOptions,
 )
 
-ID_A = Identity.from_seed(bytes(range(32)))
-ID_B = Identity.from_seed(bytes(range(32, 64)))
 ADDR_A = ("198.18.0.1", 5800)
 ADDR_B = ("198.18.0.2", 5800)
 RW = MessageType.READ_WRITE

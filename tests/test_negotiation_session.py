@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable
 
 import pytest
+from identities import ID_A, ID_B
 from wire_double import Link, PathRules
 
 from secureiod.secureio import MessageType, SecureioError, iter_messages, open_packet
@@ -30,8 +31,6 @@ from secureiod.secureio.negotiation_message import (
 from secureiod.secureio.session import Session, SessionOptions
 
 RW = MessageType.READ_WRITE
-ID_A = Identity.from_seed(bytes(range(32)))
-ID_B = Identity.from_seed(bytes(range(32, 64)))
 P = 1392
 OPTIONS = SessionOptions(
     send_delay=0.0,

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import random
 
+from identities import ID_A, ID_B
 from wire_double import ADDR_A, ADDR_B, Link, PathRules
 
 from secureiod.secureio import MessageType, PacketKey, open_packet
 from secureiod.secureio.constants import KX_PACKET_SIZE
 from secureiod.secureio.events import Event, PathChanged, SessionState
-from secureiod.secureio.identity import Identity
 from secureiod.secureio.keyexchange import KeyExchangeOptions
 from secureiod.secureio.path import Address, path_key, same_path
 from secureiod.secureio.session import Session, SessionOptions
 
 RW = MessageType.READ_WRITE
-ID_A = Identity.from_seed(bytes(range(32)))
-ID_B = Identity.from_seed(bytes(range(32, 64)))
 EVE: Address = ("203.0.113.66", 40000)
 ROAMED: Address = ("198.18.7.7", 61000)
 

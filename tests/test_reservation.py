@@ -16,13 +16,13 @@ from dataclasses import asdict
 from typing import Any
 
 import pytest
+from identities import ID_A, ID_B
 from test_lone_path import ADDR_A, ADDR_B, RW, _established, _session, _state
 
 from secureiod.secureio import MessageType
 from secureiod.secureio.constants import MESSAGE_HEADER_SIZE
 from secureiod.secureio.errors import SecureioError
 from secureiod.secureio.events import MessageReceived
-from secureiod.secureio.identity import Identity
 from secureiod.secureio.packet import KeyRing, open_ring, seal
 from secureiod.secureio.pmtu import CONFIRM_MIN_SIZE
 from secureiod.secureio.reservation import (
@@ -33,9 +33,6 @@ from secureiod.secureio.reservation import (
 )
 from secureiod.secureio.session import Session
 from secureiod.secureio.wire import MESSAGE_HEADER
-
-ID_A = Identity.from_seed(bytes(range(32)))
-ID_B = Identity.from_seed(bytes(range(32, 64)))
 
 
 class Executor:

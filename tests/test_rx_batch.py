@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from identities import ID_A, ID_B
 
 from secureiod.secureio import MessageType
 from secureiod.secureio.constants import FRAGMENT_HEADER_SIZE, PACKET_OVERHEAD
@@ -36,8 +37,6 @@ needs_batch = pytest.mark.skipif(
     RXBATCH is None, reason="needs the _rxbatch extension (pip install -e .)"
 )
 
-ID_A = Identity.from_seed(bytes(range(32)))
-ID_B = Identity.from_seed(bytes(range(32, 64)))
 ID_C = Identity.from_seed(bytes(range(64, 96)))
 ADDR_A = ("198.18.0.1", 5800)
 ADDR_A2 = ("198.18.0.9", 5900)

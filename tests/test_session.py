@@ -8,6 +8,7 @@ import struct
 from dataclasses import replace
 
 import pytest
+from identities import ID_A, ID_B
 from wire_double import Link, PathRules
 
 from secureiod.secureio import MessageType, PacketKey, seal
@@ -27,8 +28,6 @@ from secureiod.secureio.session import (
 from secureiod.secureio.wire import encode_message
 
 RW = MessageType.READ_WRITE
-ID_A = Identity.from_seed(bytes(range(32)))
-ID_B = Identity.from_seed(bytes(range(32, 64)))
 
 
 def make_pair(
