@@ -59,11 +59,20 @@ class ReceivePath:
         ``None`` (no extension, ``SECUREIOD_NO_BATCH=1``): datagram by datagram."""
 
     def on_udp(self, now: float) -> None:
+        """Read what the socket holds and deliver it read by read: the packets of one read
+        (a GRO run or a datagram) go to the TUN device before the next read is opened
+        (``_delivered``), not after all of the wake-up's reads (up to ``BATCH`` of them,
+        a GRO run of up to 64 datagrams each). The first packets then wait for their own
+        read only, and a receiver that drains its socket while we write gets them spread
+        over the wake-up instead of in one burst that overflows its buffer. Measured
+        (issue 13, iperf3 UDP 64 B flood, five alternations with the old build): 68,800
+        instead of 58,000 datagrams delivered per second; TCP and ping unchanged."""
         receive = self.demux.receive_datagram
         dirty = self.dirty
         batch = self.batch
         size = batch.on_wake(now)
         count = 0
+        failed: Exception | None = None
         if self.take_pending is not None and (pending := self.take_pending()) is not None:
             data, segment, addr = pending
             if size == 1:  # a lone datagram the C hop left to us
@@ -77,12 +86,11 @@ class ReceivePath:
             # under load it goes first, then what queued behind it, in this wake-up
             if segment >= len(data):
                 count = 1
-                peer = receive(data, addr, now)
-                if peer is not None:
-                    dirty.add(peer)
+                failed = self._delivered(receive(data, addr, now), now, failed)
             else:
                 count = -(-len(data) // segment)
-                dirty.update(self.demux.receive_run(data, segment, addr, now))
+                for peer in self.demux.receive_run(data, segment, addr, now):
+                    failed = self._delivered(peer, now, failed)
         if self._recv_runs is not None:
             runs = self._recv_runs(size)
             if not count and len(runs) == 1 and runs[0][1] >= len(runs[0][0]):
@@ -91,26 +99,41 @@ class ReceivePath:
                 self._receive_lone(data, addr, now)
                 return
             receive_run = self.demux.receive_run
+            delivered = self._delivered
             for data, segment, addr in runs:
                 if segment >= len(data):
                     count += 1
-                    peer = receive(data, addr, now)
-                    if peer is not None:
-                        dirty.add(peer)
+                    failed = delivered(receive(data, addr, now), now, failed)
                 else:
                     count += -(-len(data) // segment)
-                    dirty.update(receive_run(data, segment, addr, now))
+                    for peer in receive_run(data, segment, addr, now):
+                        failed = delivered(peer, now, failed)
             batch.note(count)
-            return
-        datagrams = self.udp.recv_batch(size)
-        batch.note(count + len(datagrams))
-        if not count and len(datagrams) == 1:
-            self._receive_lone(*datagrams[0], now)
-            return
-        for data, addr in datagrams:
-            peer = receive(data, addr, now)
-            if peer is not None:
-                dirty.add(peer)
+        else:
+            datagrams = self.udp.recv_batch(size)
+            batch.note(count + len(datagrams))
+            if not count and len(datagrams) == 1:
+                self._receive_lone(*datagrams[0], now)
+                return
+            for data, addr in datagrams:
+                failed = self._delivered(receive(data, addr, now), now, failed)
+        if failed is not None:
+            raise failed  # the loop logs it; every read before and after it was taken
+
+    def _delivered(
+        self, peer: Peer | None, now: float, failed: Exception | None
+    ) -> Exception | None:
+        """A read fed ``peer``: mark it for ``Device.after_wakeup`` (flush, send, timers)
+        and deliver what it accepted now. A handler that fails does not cost the reads
+        after this one: the first failure is returned, raised once they are all taken."""
+        if peer is None:
+            return failed
+        self.dirty.add(peer)
+        try:
+            self.drain(peer, now)
+        except Exception as exc:
+            return failed or exc
+        return failed
 
     def _receive_lone(self, data: bytes, addr: Address, now: float) -> None:
         """The only datagram of this wake-up. When all it did was bring one message (the
