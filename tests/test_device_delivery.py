@@ -89,3 +89,31 @@ def test_a_failing_handler_costs_no_read_after_it(
         tunnel.sim.run_for(0.1)
     assert failed == 1
     assert written[before:] == packets
+
+
+@pytest.mark.parametrize("runs", [True, False], ids=["gro-runs", "datagrams"])
+def test_gro_runs_are_delivered_run_by_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runs: bool
+) -> None:
+    """Equal sizes coalesce into GRO reads (two, then three, then three packets): each
+    run's packets are written before the next run is opened. Without the batch path
+    (``SECUREIOD_NO_BATCH=1``: ``recv_batch``), datagram by datagram."""
+    tunnel = Tunnel(two_sites(tmp_path))
+    tunnel.wait_established(timeout=5)
+    tunnel.sim.run_for(0.1)
+    if not runs:
+        tunnel.devices["b"].receive._recv_runs = None
+    written = tunnel.nodes["b"].tun.written
+    before = len(written)
+    sizes = (1200, 1200, 1000) * 3
+    packets = [
+        udp4("198.19.0.1", "198.19.0.2", bytes([3, i]) * (s // 2)) for i, s in enumerate(sizes)
+    ]
+    tunnel.nodes["a"].tun.inject(packets[0])  # alone: a quiet device reads one packet
+    tunnel.sim.run_for(0.1)
+    seen = _reads_at_b(tunnel, monkeypatch)
+    _burst(tunnel, packets[1:])
+    tunnel.sim.run_for(0.1)
+    assert written[before:] == packets
+    expected = [1, 3, 6] if runs else list(range(1, len(packets)))
+    assert [n - before for n in seen] == expected, seen

@@ -3,8 +3,9 @@
 Each concern lives in its own module (see the package docstring and README "How the daemon
 is built", which walks one datagram through them); ``Device`` builds them, registers the
 two data descriptors with the event loop and, after every wake-up, flushes each peer that
-the wake-up touched once: its aggregated messages go out, its events are delivered, its
-timer is re-armed.
+the wake-up touched once: its aggregated messages go out, its events not yet delivered
+are (what a socket read brought is delivered right after that read: ``ReceivePath.on_udp``),
+its timer is re-armed.
 """
 
 from __future__ import annotations
@@ -195,7 +196,9 @@ class Device:
     # -- the loop's hooks --------------------------------------------------------------
 
     def after_wakeup(self, now: float) -> None:
-        """Flush every peer the wake-up touched, once (a flush can touch it again)."""
+        """Flush every peer the wake-up touched, once (a flush can touch it again), and
+        deliver what its session still holds (what a read brought is usually delivered
+        already: ``ReceivePath.on_udp``)."""
         dirty = self.dirty
         send, receive, lifecycle = self.send, self.receive, self.lifecycle
         rounds = 0
