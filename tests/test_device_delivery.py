@@ -1,14 +1,18 @@
 """The receive path delivers read by read: the packets of one read (a GRO run or a
 datagram) reach the TUN device before the next read of the same wake-up is opened, and a
-failing handler does not cost the reads after it (``ReceivePath.on_udp``)."""
+failing handler does not cost the reads after it (``ReceivePath.on_udp``); a wake-up that
+writes a burst gives up the CPU every ``YIELD_BUDGET`` packets, at read boundaries."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fakes import Tunnel, two_sites, udp4
+
+from secureiod.daemon.receive import YIELD_BUDGET
 
 SIZES = (900, 1000, 1100, 1200, 1300)
 """Growing packets, each in a datagram of its own: no two can share a GRO read."""
@@ -117,3 +121,51 @@ def test_gro_runs_are_delivered_run_by_run(
     assert written[before:] == packets
     expected = [1, 3, 6] if runs else list(range(1, len(packets)))
     assert [n - before for n in seen] == expected, seen
+
+
+def test_a_burst_yields_the_cpu_every_budget_of_packets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wake-up that writes a burst to the TUN gives up the CPU (``sched_yield``) at the
+    end of each read that brought the packets written since the last yield to
+    ``YIELD_BUDGET``: the local receivers those packets woke run before more is opened."""
+    tunnel = Tunnel(two_sites(tmp_path))
+    tunnel.wait_established(timeout=5)
+    tunnel.sim.run_for(0.1)
+    receive = tunnel.devices["b"].receive
+    written = tunnel.nodes["b"].tun.written
+    at_yield: list[int] = []
+    monkeypatch.setattr(receive, "yield_cpu", lambda: at_yield.append(len(written)))
+    reads = _reads_at_b(tunnel, monkeypatch)
+    before = len(written)
+    packets = [udp4("198.19.0.1", "198.19.0.2", bytes([4, i % 256]) * 20) for i in range(400)]
+    _burst(tunnel, packets)
+    tunnel.sim.run_for(0.1)
+    assert written[before:] == packets
+    assert len(at_yield) >= 2, at_yield
+    marks = [before, *at_yield]
+    for start, end in itertools.pairwise(marks):
+        assert end - start >= YIELD_BUDGET, marks
+    # each yield came at the end of a read: the next read found exactly that many written
+    read_ends = set(reads)
+    assert all(n in read_ends or n == len(written) for n in at_yield), (at_yield, reads)
+    assert receive.yields == len(at_yield)
+
+
+def test_a_trickle_never_yields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packets in wake-ups of their own (pings, a trickle) do not yield: the budget counts
+    one wake-up's writes, and between wake-ups the daemon sleeps anyway."""
+    tunnel = Tunnel(two_sites(tmp_path))
+    tunnel.wait_established(timeout=5)
+    tunnel.sim.run_for(0.1)
+    receive = tunnel.devices["b"].receive
+    yields: list[int] = []
+    monkeypatch.setattr(receive, "yield_cpu", lambda: yields.append(1))
+    written = tunnel.nodes["b"].tun.written
+    before = len(written)
+    for i in range(2 * YIELD_BUDGET):
+        for size in (300, 400):  # two datagrams, so not the lone path every time
+            tunnel.nodes["a"].tun.inject(udp4("198.19.0.1", "198.19.0.2", bytes([5, i]) * size))
+        tunnel.sim.run_for(0.05)
+    assert len(written) - before == 4 * YIELD_BUDGET
+    assert yields == []

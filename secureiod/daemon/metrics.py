@@ -184,6 +184,12 @@ SPECS: Final = (
         "Packets from peers that the TUN device did not take.",
     ),
     _spec(
+        "secureiod_receive_yields_total",
+        "counter",
+        "Times a wake-up that had written a burst of packets to the TUN device gave up the "
+        "CPU before reading on, so that their local receivers could run.",
+    ),
+    _spec(
         "secureiod_unknown_source_datagrams_total",
         "counter",
         "UDP datagrams no configured peer could be shown to have sent (strangers, garbage, "
@@ -532,6 +538,7 @@ class DeviceCollector:
         )
         add("secureiod_no_route_packets_total", iface, d.send.no_route)
         add("secureiod_tun_write_errors_total", iface, d.receive.tun_write_errors)
+        add("secureiod_receive_yields_total", iface, d.receive.yields)
         demux = d.demux.stats
         add("secureiod_unknown_source_datagrams_total", iface, demux.unknown_source)
         add("secureiod_identify_rate_limited_datagrams_total", iface, demux.rate_limited)

@@ -59,6 +59,7 @@ def device_status(device: Device, now: float) -> dict[str, Any]:
         },
         "roamed": sum(p.counters.roams for p in peers),
         "tun_write_errors": device.receive.tun_write_errors,
+        "receive_yields": device.receive.yields,
         "reloads": device.reloader.reloads,
         "reloads_refused": device.reloader.refused,
         "control": dataclasses.asdict(device.control.stats) if device.control else None,
