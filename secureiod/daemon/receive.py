@@ -7,8 +7,8 @@ inner packet: its IP header must agree with its length (``inner``), and its sour
 route back to the peer that sent it (cryptokey routing: the inner-source check).
 The only datagram of a wake-up, when all it brought is one message, is delivered at once
 through the same checks (``_receive_lone``) instead of waiting for the wake-up's flush.
-A wake-up that writes a burst gives up the CPU every ``YIELD_BUDGET`` packets, at read
-boundaries, so that the local receivers it woke can drain their sockets.
+After every ``YIELD_BUDGET`` packets written, at the end of the read that reached it, the
+daemon gives up the CPU, so that the local receivers it woke can drain their sockets.
 """
 
 from __future__ import annotations
@@ -29,16 +29,30 @@ from .send import BatchSize
 
 _DATA: Final = DATA_TYPE
 YIELD_BUDGET: Final = 64
-"""Packets one wake-up writes to the TUN device before the receive path gives up the CPU
-(``sched_yield``, at the end of the read that reached the budget; ``_delivered``). Why:
-each write wakes a local receiver, and a single-threaded daemon that keeps its core keeps
-that receiver waiting while its socket buffer (212 KiB by default: about 256 small
-datagrams) overflows, so the work on those packets is lost. The kernel bounds its own
-receive path the same way (NAPI's budget). On Linux, ``sched_yield`` by a normal
-(``SCHED_OTHER``) task lets another runnable task on this core go first and returns at once
-when there is none. Measured (issue 13, UDP 64 B flood on two cores): 92,500 instead of
-69,600 datagrams delivered per second, the share lost at the receiver's socket from about a
-third to about a seventh; TCP (one packet per segment) and ping (the lone path) unchanged."""
+"""Packets written to the TUN device after which the receive path gives up the CPU, at the
+end of the read that reached the count (``_delivered``; one read, a GRO run of packed
+small packets, can write a few hundred). Why: each write wakes a local receiver, and a
+single-threaded daemon that keeps its core keeps that receiver waiting while its socket
+buffer (212 KiB by default: about 256 small datagrams) overflows, and the work on those
+packets is lost. The kernel's receive path has the same problem and bounds its softirq
+work for the same reason (NAPI's budgets), an analogy rather than a copy. Measured (issue
+13, UDP 64 B flood on two cores): 92,500 instead of 69,600 datagrams delivered per second,
+the share lost at the receiver's socket from about a third to about a seventh; TCP (an
+offload super-packet of up to 64 KiB counts as one packet) and ping (the lone path, which
+does not count) unchanged."""
+
+
+def _load_yield() -> Callable[[], None] | None:
+    """``sched_yield`` that keeps the GIL (``_fastpath.yield_cpu``). Not ``os.sched_yield``:
+    that releases the GIL, and a Python thread waiting for it (a metrics scrape) would take
+    the interpreter for a switch interval at every yield. Without the C build: no yield."""
+    if os.environ.get("SECUREIOD_PURE_PYTHON"):
+        return None
+    try:
+        from ._fastpath import yield_cpu  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return yield_cpu  # type: ignore[no-any-return]
 
 
 class ReceivePath:
@@ -52,7 +66,7 @@ class ReceivePath:
         batch: BatchSize,
         on_caps: Callable[[Peer, bytes], None],
         on_event: Callable[[Peer, Event, float], None],
-        yield_cpu: Callable[[], None] = os.sched_yield,
+        yield_cpu: Callable[[], None] | None = None,
     ) -> None:
         self.tun = tun
         self.udp = udp
@@ -63,9 +77,11 @@ class ReceivePath:
         self.on_caps = on_caps
         self.on_event = on_event
         self.tun_write_errors = 0
-        self.yield_cpu = yield_cpu
+        self.yield_cpu = yield_cpu if yield_cpu is not None else _load_yield()
+        """Gives up the CPU with the GIL held (see ``YIELD_BUDGET``); None: never."""
         self.unyielded = 0
-        """Packets this wake-up wrote to the TUN since its last ``yield_cpu``."""
+        """Packets ``_delivered`` wrote to the TUN since the last ``yield_cpu``. Kept across
+        wake-ups: under load they come back to back, each with fewer than the budget."""
         self.yields = 0
         """``yield_cpu`` calls (the metric ``secureiod_receive_yields_total``)."""
         self.take_pending: Callable[[], tuple[bytes, int, Address] | None] | None = None
@@ -93,7 +109,6 @@ class ReceivePath:
         size = batch.on_wake(now)
         count = 0
         failed: Exception | None = None
-        self.unyielded = 0
         if self.take_pending is not None and (pending := self.take_pending()) is not None:
             data, segment, addr = pending
             if size == 1:  # a lone datagram the C hop left to us
@@ -145,8 +160,8 @@ class ReceivePath:
         self, peer: Peer | None, now: float, failed: Exception | None
     ) -> Exception | None:
         """A read fed ``peer``: mark it for ``Device.after_wakeup`` (flush, send, timers)
-        and deliver what it accepted now, then yield the CPU if this wake-up's writes
-        reached ``YIELD_BUDGET``. A handler that fails does not cost the reads after this
+        and deliver what it accepted now, then yield the CPU if the writes since the last
+        yield reached ``YIELD_BUDGET``. A handler that fails does not cost the reads after this
         one: the first failure is returned, raised once they are all taken."""
         if peer is None:
             return failed
@@ -158,7 +173,7 @@ class ReceivePath:
         except Exception as exc:
             failed = failed or exc
         self.unyielded += c.rx_packets - before
-        if self.unyielded >= YIELD_BUDGET > 0:
+        if self.unyielded >= YIELD_BUDGET and self.yield_cpu is not None:
             self.unyielded = 0
             self.yields += 1
             self.yield_cpu()
