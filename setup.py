@@ -9,7 +9,7 @@ from setuptools import Extension, setup
 
 
 def _extension(name: str, source: str) -> Extension:
-    """One of the three modules: all share the packet construction (``_construction.h``),
+    """One of the three crypto modules: all share the packet construction (``_construction.h``),
     libsodium and libcrypto, and the same warnings."""
     return Extension(
         name,
@@ -26,5 +26,12 @@ setup(
         _extension("secureiod.secureio._accel", "secureiod/secureio/_accel.c"),
         _extension("secureiod.secureio._rxbatch", "secureiod/secureio/_rxbatch.c"),
         _extension("secureiod.daemon._fastpath", "secureiod/daemon/_fastpath.c"),
+        # TUN reads and writes in batches: system calls only, no crypto
+        Extension(
+            "secureiod._tunio",
+            ["secureiod/_tunio.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        ),
     ]
 )

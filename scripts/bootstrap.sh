@@ -88,6 +88,7 @@ if [ ! -e "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ setup.py -nt "$STAM
     || [ secureiod/secureio/_accel.c -nt "$STAMP" ] \
     || [ secureiod/secureio/_rxbatch.c -nt "$STAMP" ] \
     || [ secureiod/daemon/_fastpath.c -nt "$STAMP" ] \
+    || [ secureiod/_tunio.c -nt "$STAMP" ] \
     || [ secureiod/secureio/_construction.h -nt "$STAMP" ]; then
     log "installing secureiod[$PIP_EXTRAS] into $VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$PIP_EXTRAS]"

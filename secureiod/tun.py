@@ -22,9 +22,11 @@ import pwd
 import socket
 import stat
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from . import tunio
 
 __all__ = ["TUN_CLONE_DEVICE", "TunDevice", "TunError", "TunStats"]
 
@@ -95,8 +97,6 @@ class TunDevice:
         self._logged: set[tuple[str, int]] = set()
         self.vnet_hdr = False
         self.offload = 0
-        self._buffer = bytearray(0)
-        self._buffers = [self._buffer]
 
     @classmethod
     def open(
@@ -186,32 +186,20 @@ class TunDevice:
 
         One wake-up, many packets: the caller seals them all and flushes once. ``bufsize``
         must cover the link MTU, or the kernel truncates the packet silently. An unexpected
-        error is counted and ends the batch; a dead descriptor raises ``TunError``.
+        error is counted and ends the batch; a dead descriptor raises ``TunError``. The
+        reads are one call (``tunio.read_many``: C when built), not one per packet: per
+        small packet the Python around ``os.readv`` cost more than the system call.
         """
-        fd = self._fd
+        packets, size, code = tunio.read_many(self._fd, max_packets, bufsize)
         stats = self.stats
-        if len(self._buffer) < bufsize:
-            self._buffer = bytearray(bufsize)
-            self._buffers = [self._buffer]
-        view = memoryview(self._buffer)
-        buffers = self._buffers
-        out: list[bytes] = []
-        for _ in range(max_packets):
-            # readv into one reused buffer: os.read would allocate (and fault in) bufsize
-            # bytes for every packet, 64 KiB with offload, and again for the final EAGAIN.
-            try:
-                size = os.readv(fd, buffers)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno in _FATAL_ERRNOS:
-                    raise self._dead(exc) from None
-                self._count(stats.read_errors, "read", exc)
-                break
-            stats.packets_read += 1
-            stats.bytes_read += size
-            out.append(bytes(view[:size]))
-        return out
+        stats.packets_read += len(packets)
+        stats.bytes_read += size
+        if code:
+            exc = OSError(code, os.strerror(code))
+            if code in _FATAL_ERRNOS:
+                raise self._dead(exc)
+            self._count(stats.read_errors, "read", exc)
+        return packets
 
     def write(self, packet: bytes | bytearray | memoryview) -> bool:
         """Hand one IP packet to the kernel; ``False`` (counted) if it was refused.
@@ -250,6 +238,26 @@ class TunDevice:
         """A write that failed with errno ``code`` elsewhere (the C lone-packet hop):
         counted, and logged once per kind, as ``write`` does."""
         self._count(self.stats.write_errors, "write", OSError(code, os.strerror(code)))
+
+    def write_many(
+        self, header: bytes, packets: Sequence[bytes | bytearray | memoryview]
+    ) -> list[int]:
+        """``write_parts(header, packet)`` for every packet in one call (``tunio``: C when
+        built), with the same accounting; ``header`` may be empty. Returns the indexes of
+        the packets the kernel refused (counted, as ``write`` counts them), so the caller
+        can keep exact per-peer counters; a dead descriptor raises ``TunError``."""
+        written, size, errors = tunio.write_many(self._fd, header, packets)
+        stats = self.stats
+        stats.packets_written += written
+        stats.bytes_written += size
+        if not errors:
+            return []
+        for _, code in errors:
+            exc = OSError(code, os.strerror(code))
+            if code in _FATAL_ERRNOS:
+                raise self._dead(exc)
+            self._count(stats.write_errors, "write", exc)
+        return [index for index, _ in errors]
 
     def write_batch(self, packets: Iterable[bytes | bytearray | memoryview]) -> int:
         """Write every packet (a refused one does not stop the rest); returns how many

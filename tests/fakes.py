@@ -483,6 +483,13 @@ class FakeTun:
     def write_parts(self, header: bytes, packet: bytes | bytearray | memoryview) -> bool:
         return self._write(bytes(header) + bytes(packet))
 
+    def write_many(
+        self, header: bytes, packets: Sequence[bytes | bytearray | memoryview]
+    ) -> list[int]:
+        """Like ``TunDevice.write_many``: each packet as ``write_parts``; the refused indexes."""
+        head = bytes(header)
+        return [i for i, packet in enumerate(packets) if not self._write(head + bytes(packet))]
+
     def _write(self, data: bytes) -> bool:
         if self.closed:
             raise TunError(f"TUN device {self.name} is closed: Bad file descriptor", errno.EBADF)

@@ -86,7 +86,7 @@ mkdir -p "$STAGE$PREFIX"
     "$SVENV/bin/pip" install -q ${PIP:-} --no-compile --only-binary :all: "$WORK"/wheels/secureiod-*.whl
     "$SVENV/bin/python" - <<'PYEOF'
 import importlib, sys
-for m in ("secureiod.secureio._accel", "secureiod.secureio._rxbatch", "secureiod.daemon._fastpath", "nacl.bindings", "blake3", "pydantic", "pyroute2",
+for m in ("secureiod.secureio._accel", "secureiod.secureio._rxbatch", "secureiod.daemon._fastpath", "secureiod._tunio", "nacl.bindings", "blake3", "pydantic", "pyroute2",
           "cryptography.hazmat.primitives.asymmetric.ed25519", "secureiod.cli.daemon"):
     importlib.import_module(m)
 import secureiod.secureio._accel as a, nacl._sodium as s
