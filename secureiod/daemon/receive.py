@@ -206,7 +206,12 @@ class ReceivePath:
     def drain(self, peer: Peer, now: float, first: Event | None = None) -> None:
         """Deliver what the peer's session accepted: packets to the TUN device, everything
         else (state, path, sizes, capabilities) to its owner. ``first``: an event already
-        taken off the session's queue (``take_lone_message``), delivered before the rest."""
+        taken off the session's queue (``take_lone_message``), delivered before the rest.
+
+        Packets that pass the checks are written in runs (``_write_run``: one
+        ``write_many`` call, not a Python call and a system call wrapper per packet); a run
+        ends where the kind of packet changes (plain, or with its own offload header) or
+        another event comes between, so packets and events keep their order."""
         s = peer.session
         if s is None:
             return
@@ -214,16 +219,19 @@ class ReceivePath:
         if not events:  # a wake-up that only sent: nothing to set up for
             return
         source_owner = self.router.lookup_source
-        tun = self.tun
-        vnet = tun.vnet_hdr
+        vnet = self.tun.vnet_hdr
         drops = peer.counters.drops
-        c = peer.counters
+        run: list[bytes] = []
+        offloaded = False  # the run holds VNET_TYPE payloads (with their own header)
+        write_run = self._write_run
         while events:
             done = 0
             try:
                 for ev in events:
                     done += 1
                     if type(ev) is not MessageReceived:
+                        if run:
+                            write_run(peer, run, offloaded)
                         self.on_event(peer, ev, now)
                         continue
                     mtype = ev.type
@@ -234,11 +242,11 @@ class ReceivePath:
                             drops[problem] += 1
                         elif source_owner(payload) is not peer:
                             drops["source-not-allowed"] += 1
-                        elif tun.write_parts(ZERO_HDR, payload) if vnet else tun.write(payload):
-                            c.rx_packets += 1
-                            c.rx_bytes += len(payload)
                         else:
-                            self.tun_write_errors += 1
+                            if offloaded and run:
+                                write_run(peer, run, True)
+                            offloaded = False
+                            run.append(payload)
                     elif mtype == VNET_TYPE:
                         if not vnet or not header_acceptable(payload):
                             drops["bad-offload-header"] += 1
@@ -246,14 +254,18 @@ class ReceivePath:
                             drops[problem] += 1
                         elif source_owner(payload, VNET_HDR_SIZE) is not peer:
                             drops["source-not-allowed"] += 1
-                        elif tun.write(payload):
-                            c.rx_packets += 1
-                            c.rx_bytes += len(payload) - VNET_HDR_SIZE
                         else:
-                            self.tun_write_errors += 1
+                            if not offloaded and run:
+                                write_run(peer, run, False)
+                            offloaded = True
+                            run.append(payload)
                     elif mtype == CAPS_TYPE:
+                        if run:
+                            write_run(peer, run, offloaded)
                         self.on_caps(peer, payload)
                     # KEEPALIVE_TYPE and unknown types: liveness only
+                if run:
+                    write_run(peer, run, offloaded)
             except BaseException:
                 # a handler failed (the loop logs it): the events after it stay queued
                 # for the next drain instead of being lost with this list
@@ -261,3 +273,22 @@ class ReceivePath:
                 raise
             # what the handlers caused meanwhile (a state change's follow-ups), in order
             events = s.take_events()
+
+    def _write_run(self, peer: Peer, run: list[bytes], offloaded: bool) -> None:
+        """Write ``run`` to the TUN in one call and empty it, counting what the kernel took
+        for ``peer``. ``offloaded``: VNET_TYPE payloads, which carry their own virtio-net
+        header (not counted in bytes); otherwise plain packets, behind a zero header when
+        the device has ``vnet_hdr``."""
+        tun = self.tun
+        try:
+            refused = tun.write_many(b"" if offloaded or not tun.vnet_hdr else ZERO_HDR, run)
+            strip = VNET_HDR_SIZE if offloaded else 0
+            size = sum(map(len, run)) - strip * len(run)
+            if refused:
+                size -= sum(len(run[i]) - strip for i in refused)
+                self.tun_write_errors += len(refused)
+            c = peer.counters
+            c.rx_packets += len(run) - len(refused)
+            c.rx_bytes += size
+        finally:
+            run.clear()
