@@ -117,8 +117,10 @@ class AllowedIPs(Generic[T]):
             key = packet[offset + 24 : offset + 40]
         else:
             return None
-        owner = self._memo.get(key, _MISS) if type(key) is bytes else _MISS
-        return self._resolve(bytes(key)) if owner is _MISS else owner  # type: ignore[return-value]
+        if type(key) is not bytes:  # a view: looked up, not remembered (callers pass bytes)
+            return self._match(key)
+        owner = self._memo.get(key, _MISS)
+        return self._resolve(key) if owner is _MISS else owner  # type: ignore[return-value]
 
     def lookup_source(self, packet: bytes | memoryview, offset: int = 0) -> T | None:
         """The owner of the source of the IP packet at ``packet[offset:]``, as
@@ -130,13 +132,21 @@ class AllowedIPs(Generic[T]):
             key = packet[offset + 8 : offset + 24]
         else:
             return None
-        owner = self._memo.get(key, _MISS) if type(key) is bytes else _MISS
-        return self._resolve(bytes(key)) if owner is _MISS else owner  # type: ignore[return-value]
+        if type(key) is not bytes:  # a view: looked up, not remembered (callers pass bytes)
+            return self._match(key)
+        owner = self._memo.get(key, _MISS)
+        return self._resolve(key) if owner is _MISS else owner  # type: ignore[return-value]
+
+    def _match(self, key: bytes | memoryview) -> T | None:
+        """The longest-prefix match for a 4- or 16-byte address."""
+        table = self._v4 if len(key) == 4 else self._v6
+        return table.lookup(int.from_bytes(key, "big"))
 
     def _resolve(self, key: bytes) -> T | None:
-        """The longest-prefix match for a 4- or 16-byte address, remembered."""
-        table = self._v4 if len(key) == 4 else self._v6
-        owner = table.lookup(int.from_bytes(key, "big"))
+        """``_match``, remembered. A miss costs about twice an unremembered lookup (the
+        insert, and a clear every ``MEMO_LIMIT`` misses): a peer cycling its sources pays
+        that on its own packets only."""
+        owner = self._match(key)
         memo = self._memo
         if len(memo) >= MEMO_LIMIT:
             memo.clear()

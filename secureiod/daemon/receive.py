@@ -228,14 +228,24 @@ class ReceivePath:
             done = 0
             try:
                 for ev in events:
-                    done += 1
+                    # ``done`` counts an event once it is taken: a handler's event after
+                    # the run before it is written (a dead TUN raises there and the event
+                    # stays queued), a packet when it joins the run
                     if type(ev) is not MessageReceived:
                         if run:
                             write_run(peer, run, offloaded)
+                        done += 1
                         self.on_event(peer, ev, now)
                         continue
                     mtype = ev.type
                     payload = ev.payload
+                    if mtype == CAPS_TYPE:
+                        if run:
+                            write_run(peer, run, offloaded)
+                        done += 1
+                        self.on_caps(peer, payload)
+                        continue
+                    done += 1
                     if mtype == _DATA:
                         problem = inner_packet_problem(payload)
                         if problem is not None:
@@ -259,10 +269,6 @@ class ReceivePath:
                                 write_run(peer, run, False)
                             offloaded = True
                             run.append(payload)
-                    elif mtype == CAPS_TYPE:
-                        if run:
-                            write_run(peer, run, offloaded)
-                        self.on_caps(peer, payload)
                     # KEEPALIVE_TYPE and unknown types: liveness only
                 if run:
                     write_run(peer, run, offloaded)
