@@ -81,12 +81,14 @@ def ipv4_udp(src: str, dst: str, dport: int, payload: bytes) -> bytes:
     return header[:10] + struct.pack("!H", ~total & 0xFFFF) + header[12:] + udp
 
 
-def open_tun(*, vnet_hdr: bool = False) -> TunDevice:
+def open_tun(*, vnet_hdr: bool = False, mtu: int | None = None) -> TunDevice:
     with open("/proc/sys/net/ipv6/conf/default/disable_ipv6", "w") as knob:
         knob.write("1")
     tun = TunDevice.open(TUN, vnet_hdr=vnet_hdr)
     with Netlink() as nl:
         nl.add_address(tun.name, ipaddress.ip_interface(f"{LOCAL}/24"))
+        if mtu is not None:
+            nl.set_mtu(tun.name, mtu)
         nl.set_up(tun.name)
     return tun
 
@@ -137,6 +139,30 @@ def _read_exact(impl: str, vnet_hdr: bool, size: int, count: int) -> dict[str, A
             "lengths": sum(len(p) for p in packets),
             "code": code,
             "again": again,
+        }
+
+
+def _read_mixed_sizes(impl: str, vnet_hdr: bool) -> dict[str, Any]:
+    """Short and long packets alternating, longer than the 1,500 bytes of the other tests
+    (the C side packs short ones into its arena and moves on to a new chunk when a full
+    buffer no longer fits): every packet whole, in order, whatever came before it; and a
+    buffer shorter than a long packet cuts it."""
+    use(impl)
+    with open_tun(vnet_hdr=vnet_hdr, mtu=9000) as tun:
+        sizes = [36, 6000, 1400, 2020, 2021, 8000, 36, 36, 3000, 1] * 8
+        payloads = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+        send_through_tun(payloads)
+        offset = VNET_HDR_SIZE if vnet_hdr else 0
+        packets, total, code = tunio.read_many(tun.fd, 256, 9000 + offset)
+        send_through_tun([b"x" * 5000, b"y" * 10])
+        cut = tunio.read_many(tun.fd, 256, 3000)
+        return {
+            "payloads": payloads,
+            "got": [udp_payload(p, offset) for p in packets],
+            "total": total,
+            "lengths": sum(len(p) for p in packets),
+            "code": code,
+            "cut": [len(p) for p in cut[0]],
         }
 
 
@@ -231,6 +257,24 @@ def test_read_many_returns_the_queued_packets_in_order_then_stops(
     assert result["again"] == ([], 0, 0)
     if vnet_hdr:
         assert all(len(h) == VNET_HDR_SIZE for h in result["headers"])
+
+
+@needs_root
+@pytest.mark.parametrize("vnet_hdr", [False, True])
+def test_read_many_long_and_short_packets_alternating(ns: str, vnet_hdr: bool) -> None:
+    results = {impl: call_in(ns, _read_mixed_sizes, impl, vnet_hdr) for impl in IMPLS}
+    for result in results.values():
+        assert result["got"] == result["payloads"]
+        assert result["code"] == 0
+        assert result["total"] == result["lengths"]
+    assert (
+        results["c"]["cut"]
+        == results["python"]["cut"]
+        == [
+            3000,
+            38 + (VNET_HDR_SIZE if vnet_hdr else 0),
+        ]
+    )
 
 
 @needs_root
