@@ -9,6 +9,7 @@ what is read is exactly what the test sent.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -387,6 +388,19 @@ def test_bounds_are_refused_before_any_system_call(index: int) -> None:
     )
 
 
+@contextlib.contextmanager
+def refused_socket() -> Iterator[socket.socket]:
+    """A non-blocking UDP socket connected to a closed port: after a send, its next
+    call reports ECONNREFUSED, an error that is neither EAGAIN nor fatal."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        target = closed_port.getsockname()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.connect(target)
+        yield sock
+
+
 @pytest.mark.parametrize("index", [0, 1], ids=IMPLS)
 def test_any_other_error_is_reported_not_raised(index: int) -> None:
     """Errors on a descriptor that is no TUN device, to reach errnos a TUN rarely gives."""
@@ -404,12 +418,7 @@ def test_any_other_error_is_reported_not_raised(index: int) -> None:
     finally:
         os.close(r)
         os.close(w)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed_port:
-        closed_port.bind(("127.0.0.1", 0))
-        target = closed_port.getsockname()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        sock.connect(target)
+    with refused_socket() as sock:
         sock.send(b"nobody listens")
         time.sleep(0.05)
         assert read_many(sock.fileno(), 8, 100) == ([], 0, errno.ECONNREFUSED)
@@ -419,12 +428,7 @@ def test_any_other_error_is_reported_not_raised(index: int) -> None:
 
 
 def test_tun_device_counts_and_logs_a_refused_read_once(caplog: pytest.LogCaptureFixture) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed_port:
-        closed_port.bind(("127.0.0.1", 0))
-        target = closed_port.getsockname()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        sock.connect(target)
+    with refused_socket() as sock:
         device = TunDevice(sock.fileno(), "fake0", preexisted=False, multi_queue=False)
         with caplog.at_level(logging.WARNING, logger=tun_module.__name__):
             for _ in range(2):

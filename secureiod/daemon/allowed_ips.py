@@ -110,26 +110,20 @@ class AllowedIPs(Generic[T]):
     def lookup_destination(self, packet: bytes | memoryview, offset: int = 0) -> T | None:
         """The owner of the destination of the IP packet at ``packet[offset:]``; None for
         non-IP or truncated input. (``offset`` skips a virtio-net header without a copy.)"""
-        n = len(packet) - offset
-        if n >= 20 and packet[offset] >> 4 == 4:
-            key = packet[offset + 16 : offset + 20]
-        elif n >= 40 and packet[offset] >> 4 == 6:
-            key = packet[offset + 24 : offset + 40]
-        else:
-            return None
-        if type(key) is not bytes:  # a view: looked up, not remembered (callers pass bytes)
-            return self._match(key)
-        owner = self._memo.get(key, _MISS)
-        return self._resolve(key) if owner is _MISS else owner  # type: ignore[return-value]
+        return self._lookup(packet, offset, 16, 24)
 
     def lookup_source(self, packet: bytes | memoryview, offset: int = 0) -> T | None:
         """The owner of the source of the IP packet at ``packet[offset:]``, as
         ``lookup_destination``."""
+        return self._lookup(packet, offset, 12, 8)
+
+    def _lookup(self, packet: bytes | memoryview, offset: int, at4: int, at6: int) -> T | None:
+        """The owner of the address at ``at4`` (IPv4) or ``at6`` (IPv6) in the header."""
         n = len(packet) - offset
         if n >= 20 and packet[offset] >> 4 == 4:
-            key = packet[offset + 12 : offset + 16]
+            key = packet[offset + at4 : offset + at4 + 4]
         elif n >= 40 and packet[offset] >> 4 == 6:
-            key = packet[offset + 8 : offset + 24]
+            key = packet[offset + at6 : offset + at6 + 16]
         else:
             return None
         if type(key) is not bytes:  # a view: looked up, not remembered (callers pass bytes)
