@@ -17,9 +17,11 @@ datagrams at full speed (datagrams delivered per second: packets - lost, at the
 receiver), ping RTT (average of 50 pings at 20 ms), and for the tunnels the daemons' CPU
 (utime + stime from /proc over each measurement; 100 % = one core) and memory (VmRSS, and
 VmHWM, the peak) at both ends. A tunnel that cannot run (not installed, does not come up)
-is skipped with one line. Then one secureiod with 1, 100, 1000 and 10000 configured peers
-that have no endpoint (they just wait): time until its control socket answers, VmRSS and
-CPU over 10 s of idling.
+is skipped with one line. That whole sequence runs ``--rounds`` times (3), so the tunnels
+are interleaved in time while the box's speed drifts, and each tunnel's median round per
+measurement is reported (``tunnel_rounds.py``). Then, once, one secureiod with 1, 100, 1000
+and 10000 configured peers that have no endpoint (they just wait): time until its control
+socket answers, VmRSS and CPU over 10 s of idling.
 
 Prints the command line, the machine, markdown tables with the raw numbers and secureiod's
 ratio to every other tunnel, and issue 13's goals marked met / not met from this run's own
@@ -44,20 +46,24 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from tunnel_chart import write_chart
 from tunnel_measure import REPO, Say, Skip, cpu, first_line, harness, measure, mem_kib
 from tunnel_others import TUNNEL_MTU, run_nebula, run_tinc, run_wireguard
-from tunnel_report import get, goals_json, goals_table, tables
+from tunnel_report import get, goals_json, goals_table, rounds_table, tables
+from tunnel_rounds import aggregate
 
 from secureiod.secureio.identity import Identity
 
-# The whole run: ~25 s per tunnel (5 of them) plus the peer counts (the 10,000-peer daemon
-# alone may take ~20 s to start and stop); the limit only has to stop a run that hangs.
-HARD_LIMIT = 600.0
+# The whole run: ~25 s per tunnel (5 of them) per round (~125 s a round, 3 rounds by default)
+# plus the peer counts (~50 s; the 10,000-peer daemon alone may take ~20 s to start and stop);
+# the limit only has to stop a run that hangs: HARD_LIMIT_BASE plus HARD_LIMIT_ROUND a round.
+HARD_LIMIT_BASE = 150.0
+HARD_LIMIT_ROUND = 200.0
+ROUNDS = 3
 PEER_COUNTS = (1, 100, 1000, 10_000)
 OTHERS: dict[str, Callable[..., dict[str, Any]]] = {
     "wireguard-go": run_wireguard,
@@ -116,6 +122,47 @@ def run_other(
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
     say(f"{name} skipped: {reason}")
     return {"skipped": reason}
+
+
+@contextlib.contextmanager
+def _round_workdir(net: harness.Net, index: int) -> Iterator[None]:
+    """From the second round on, a fresh directory under the run's own (removed with it) for
+    the comparison tunnels' keys and configs: their set-up generates them anew each time and
+    refuses to find the previous round's files in its way."""
+    if index == 0:
+        yield
+        return
+    base = net.workdir
+    net.workdir = base / f"round{index + 1}"
+    net.workdir.mkdir()
+    try:
+        yield
+    finally:
+        net.workdir = base  # Net's teardown removes ``base``, and every round's with it
+
+
+def run_round(
+    net: harness.Net,
+    a: harness.Node,
+    b: harness.Node,
+    args: argparse.Namespace,
+    say: Say,
+    first: bool,
+) -> dict[str, Any]:
+    """Every tunnel once, in the fixed order (veth, secureiod, then OTHERS): one round's
+    targets. A ``--skip`` is said once, in the first round, not in every round."""
+    targets: dict[str, Any] = {
+        "veth": measure("veth", a, b, "198.18.0.2", {}, args, say),
+        "secureiod": run_secureiod(a, b, args, say),
+    }
+    for name in OTHERS:
+        if name in args.skip:
+            if first:
+                say(f"{name} skipped: --skip {name}")
+            targets[name] = {"skipped": f"--skip {name}"}
+        else:
+            targets[name] = run_other(name, net, a, b, args, say)
+    return targets
 
 
 def _wait_ready(node: harness.Node, timeout: float) -> None:
@@ -218,6 +265,11 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--udp-seconds", type=float, default=5.0, help="per UDP measurement")
     parser.add_argument("--idle", type=float, default=10.0, help="idle time per peer count")
     parser.add_argument(
+        "--rounds", type=int, default=ROUNDS,
+        help="measure every tunnel this many times, interleaved, and report each tunnel's "
+        "median round (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--json", type=Path, default=REPO / "bench" / "results" / "tunnel.json",
         help="where to write the results (default: %(default)s)",
     )  # fmt: skip
@@ -243,6 +295,8 @@ def _parse_args() -> argparse.Namespace:
         parser.error(f"--peers: {args.peers!r} is not a comma-separated list of numbers")
     if any(not 1 <= n <= 20_000 for n in args.peer_counts):
         parser.error("--peers: each count must be between 1 and 20000")
+    if not 1 <= args.rounds <= 20:
+        parser.error(f"--rounds: {args.rounds} is not between 1 and 20")
     return args
 
 
@@ -253,19 +307,20 @@ def main() -> int:
         return 1
 
     t_start = time.monotonic()
+    hard_limit = HARD_LIMIT_BASE + HARD_LIMIT_ROUND * args.rounds
 
     def say(message: str) -> None:
         print(f"[{time.monotonic() - t_start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     def _alarm(signum: int, frame: Any) -> None:
-        raise Deadline(f"bench/tunnel.py: hard limit of {HARD_LIMIT:.0f} s reached")
+        raise Deadline(f"bench/tunnel.py: hard limit of {hard_limit:.0f} s reached")
 
     def _terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # unwind through the `with` block: teardown runs
 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(int(HARD_LIMIT))
+    signal.alarm(int(hard_limit))
     harness.cleanup_orphans()
 
     command = shlex.join([sys.executable, *sys.argv])
@@ -284,26 +339,26 @@ def main() -> int:
             "underlay_mtu": 1500,
             "other_tunnels_mtu": TUNNEL_MTU,
             "ping": "50 x 20 ms",
+            "rounds": args.rounds,
         },
         "targets": {},
+        "rounds": [],
         "many_peers": [],
     }
     try:
         with harness.Net() as net:
             a, b = net.pair(start=False)  # the one veth pair every measurement uses
             say(f"namespaces {a.ns} <-> {b.ns}, veth MTU 1500")
-            results["targets"]["veth"] = measure("veth", a, b, "198.18.0.2", {}, args, say)
-            results["targets"]["secureiod"] = run_secureiod(a, b, args, say)
-            for name in OTHERS:
-                if name in args.skip:
-                    say(f"{name} skipped: --skip {name}")
-                    results["targets"][name] = {"skipped": f"--skip {name}"}
-                else:
-                    results["targets"][name] = run_other(name, net, a, b, args, say)
+            for i in range(args.rounds):
+                if args.rounds > 1:
+                    say(f"round {i + 1} of {args.rounds}")
+                with _round_workdir(net, i):
+                    results["rounds"].append(run_round(net, a, b, args, say, first=i == 0))
             for count in args.peer_counts:
                 results["many_peers"].append(run_many_peers(net, count, args.idle, say))
     finally:
         signal.alarm(0)
+    results["targets"], results["round_notes"] = aggregate(results["rounds"])
     results["elapsed_s"] = round(time.monotonic() - t_start, 1)
     results["goals"] = goals_json(results)
 
@@ -318,8 +373,9 @@ def main() -> int:
         f"nebula: {machine['nebula'] or '-'}"
     )
     print(
-        f"setup: veth MTU 1500; iperf3 TCP {args.seconds:.0f} s, UDP {args.udp_seconds:.0f} s; "
-        f"secureiod defaults (offload on, tunnel MTU "
+        f"setup: veth MTU 1500; iperf3 TCP {args.seconds:.0f} s, UDP {args.udp_seconds:.0f} s"
+        + (f", median of {args.rounds} rounds; " if args.rounds > 1 else "; ")
+        + f"secureiod defaults (offload on, tunnel MTU "
         f"{get(results['targets']['secureiod'], 'mtu')}), other tunnels MTU {TUNNEL_MTU}; "
         "CPU 100 % = one core; load average at start "
         + ", ".join(f"{x:.2f}" for x in machine["load_avg_at_start"])
@@ -327,6 +383,9 @@ def main() -> int:
     print()
     print(tables(results))
     print()
+    if per_round := rounds_table(results):
+        print(per_round)
+        print()
     print(goals_table(results))
     print()
     print(f"total {results['elapsed_s']:.0f} s")

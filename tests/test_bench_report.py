@@ -72,3 +72,44 @@ def test_a_skipped_tunnel_or_failed_start_is_not_measured_and_shown() -> None:
     assert "tinc: skipped (tincd not installed)" in text
     assert "| 10000 | failed: config file is too large |" in text
     assert "| met |" not in text and "not measured" in text
+
+
+def test_per_round_table_shows_each_rounds_ratio_and_the_medians() -> None:
+    wg = _tunnel(2_000, 0.6, 30_000, 100, 300)
+    results = _results(wg, [])
+    fast = _results(_tunnel(1_000, 0.5, 20_000, 100, 300), [])["targets"]
+    results["rounds"] = [results["targets"], fast]
+    results["round_notes"] = ["tinc: skipped in round(s) 2 of 2 (x); ..."]
+    text = tunnel_report.rounds_table(results)
+    lines = text.splitlines()
+    assert lines[0] == "| secureiod / wireguard-go | round 1 | round 2 | median |"
+    # secureiod 3000 Mbit/s against 2000 in round 1 and 1000 in round 2: the median of the
+    # rounds' own ratios (1.5 and 3.0), not the ratio in the targets (1.5)
+    assert "| TCP 1 | 1.50 | 3.00 | 2.25 |" in lines
+    assert "| UDP 64 B | 2.00 | 3.00 | 2.50 |" in lines
+    assert "| ping | 0.83 | 1.00 | 0.92 |" in lines
+    assert lines[-1].startswith("tinc: skipped in round(s) 2 of 2")
+
+
+def test_goals_take_the_median_of_the_rounds_own_ratios() -> None:
+    """Each round pairs the two tunnels measured minutes apart; the goals take the median
+    of those ratios. The ratio of the two tunnels' median rounds would pair secureiod's
+    round with another round's wireguard-go (here 3000 / 2600: not met)."""
+    rounds = [
+        _results(_tunnel(wg_tcp, 0.6, 30_000, 100, 300), [])["targets"]
+        for wg_tcp in (2_000, 2_600, 2_400)
+    ]
+    results = _results(_tunnel(2_600, 0.6, 30_000, 100, 300), [])
+    results["rounds"] = rounds
+    goal = next(g for g in tunnel_report.goals(results) if g.goal.startswith("TCP 1 stream"))
+    assert goal.value is not None and round(goal.value, 2) == 1.25  # 1.5, 1.15, 1.25
+    assert goal.met is True
+    del results["rounds"]
+    assert _verdicts(results)["TCP 1 stream, secureiod / wireguard-go"] is False
+
+
+def test_no_per_round_table_for_a_one_round_run() -> None:
+    results = _results(_tunnel(2_000, 0.6, 30_000, 100, 300), [])
+    assert tunnel_report.rounds_table(results) == ""  # no "rounds": an older JSON
+    results["rounds"] = [results["targets"]]
+    assert tunnel_report.rounds_table(results) == ""
