@@ -60,9 +60,9 @@ from secureiod.secureio.identity import Identity
 
 # The whole run: ~25 s per tunnel (5 of them) per round (~125 s a round, 3 rounds by default)
 # plus the peer counts (~50 s; the 10,000-peer daemon alone may take ~20 s to start and stop);
-# the limit only has to stop a run that hangs: HARD_LIMIT_BASE plus HARD_LIMIT_ROUND a round.
-HARD_LIMIT_BASE = 150.0
-HARD_LIMIT_ROUND = 200.0
+# the limit only has to stop a run that hangs (``hard_limit``: these, and the durations asked).
+HARD_LIMIT_BASE = 110.0
+HARD_LIMIT_PER_TUNNEL = 20.0
 ROUNDS = 3
 PEER_COUNTS = (1, 100, 1000, 10_000)
 OTHERS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -141,28 +141,35 @@ def _round_workdir(net: harness.Net, index: int) -> Iterator[None]:
         net.workdir = base  # Net's teardown removes ``base``, and every round's with it
 
 
+def round_order(index: int) -> list[str]:
+    """The tunnels after veth in round ``index`` (0-based): secureiod then OTHERS, reversed
+    in every second round, so that no tunnel always runs right after another one while the
+    box's speed drifts (a trend would otherwise shift every round's ratio the same way)."""
+    names = ["secureiod", *OTHERS]
+    return names[::-1] if index % 2 else names
+
+
 def run_round(
     net: harness.Net,
     a: harness.Node,
     b: harness.Node,
     args: argparse.Namespace,
     say: Say,
-    first: bool,
+    index: int,
 ) -> dict[str, Any]:
-    """Every tunnel once, in the fixed order (veth, secureiod, then OTHERS): one round's
-    targets. A ``--skip`` is said once, in the first round, not in every round."""
-    targets: dict[str, Any] = {
-        "veth": measure("veth", a, b, "198.18.0.2", {}, args, say),
-        "secureiod": run_secureiod(a, b, args, say),
-    }
-    for name in OTHERS:
-        if name in args.skip:
-            if first:
+    """Every tunnel once, veth first, then in ``round_order``: one round's targets (keyed in
+    the usual order). A ``--skip`` is said once, in the first round, not in every round."""
+    targets: dict[str, Any] = {"veth": measure("veth", a, b, "198.18.0.2", {}, args, say)}
+    for name in round_order(index):
+        if name == "secureiod":
+            targets[name] = run_secureiod(a, b, args, say)
+        elif name in args.skip:
+            if index == 0:
                 say(f"{name} skipped: --skip {name}")
             targets[name] = {"skipped": f"--skip {name}"}
         else:
             targets[name] = run_other(name, net, a, b, args, say)
-    return targets
+    return {name: targets[name] for name in ("veth", "secureiod", *OTHERS)}
 
 
 def _wait_ready(node: harness.Node, timeout: float) -> None:
@@ -295,9 +302,21 @@ def _parse_args() -> argparse.Namespace:
         parser.error(f"--peers: {args.peers!r} is not a comma-separated list of numbers")
     if any(not 1 <= n <= 20_000 for n in args.peer_counts):
         parser.error("--peers: each count must be between 1 and 20000")
-    if not 1 <= args.rounds <= 20:
-        parser.error(f"--rounds: {args.rounds} is not between 1 and 20")
+    if not 1 <= args.rounds <= 19 or args.rounds % 2 == 0:
+        parser.error(
+            f"--rounds: {args.rounds} is not an odd number from 1 to 19 (with an odd count the "
+            "median is one round's ratio, the same whichever way the ratio is taken)"
+        )
     return args
+
+
+def hard_limit_s(args: argparse.Namespace) -> float:
+    """Seconds after which the run is stopped as hung: per round, each of the five targets'
+    measurements (two TCP, one UDP) plus HARD_LIMIT_PER_TUNNEL for its set-up, pings and
+    pauses; then the peer counts' idling and HARD_LIMIT_BASE for their starts (765 s for
+    the defaults, which took 424 s)."""
+    per_round = 5 * (2 * args.seconds + args.udp_seconds + HARD_LIMIT_PER_TUNNEL)
+    return HARD_LIMIT_BASE + len(args.peer_counts) * args.idle + args.rounds * per_round
 
 
 def main() -> int:
@@ -307,7 +326,7 @@ def main() -> int:
         return 1
 
     t_start = time.monotonic()
-    hard_limit = HARD_LIMIT_BASE + HARD_LIMIT_ROUND * args.rounds
+    hard_limit = hard_limit_s(args)
 
     def say(message: str) -> None:
         print(f"[{time.monotonic() - t_start:6.1f}s] {message}", file=sys.stderr, flush=True)
@@ -353,7 +372,7 @@ def main() -> int:
                 if args.rounds > 1:
                     say(f"round {i + 1} of {args.rounds}")
                 with _round_workdir(net, i):
-                    results["rounds"].append(run_round(net, a, b, args, say, first=i == 0))
+                    results["rounds"].append(run_round(net, a, b, args, say, i))
             for count in args.peer_counts:
                 results["many_peers"].append(run_many_peers(net, count, args.idle, say))
     finally:

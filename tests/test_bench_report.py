@@ -91,6 +91,35 @@ def test_per_round_table_shows_each_rounds_ratio_and_the_medians() -> None:
     assert lines[-1].startswith("tinc: skipped in round(s) 2 of 2")
 
 
+def test_every_ratio_goal_takes_the_rounds_own_ratios_and_counts_them() -> None:
+    """All six ratio goals, with rounds whose targets-based ratios would give the opposite
+    verdict; a round where wireguard-go did not run is left out of the median and the
+    count; and the per-round table shows the CPU ratios the goals use. secureiod is 3000
+    Mbit/s, 0.5 ms, 60,000 datagrams/s at 100 % CPU (33.3 % per Gbit/s) in every round."""
+    wgs = [
+        _tunnel(2_000, 0.4, 15_000, 200, 300),  # TCP 1.5, ping 1.25, UDP 4.0, CPU 0.33
+        _tunnel(2_600, 0.6, 25_000, 80, 300),  # TCP 1.15, ping 0.83, UDP 2.4, CPU 1.08
+        _tunnel(2_400, 0.55, 18_000, 150, 300),  # TCP 1.25, ping 0.91, UDP 3.33, CPU 0.53
+        {"skipped": "wireguard-go did not come up"},
+        None,
+    ]
+    rounds = [_results(wg, [])["targets"] for wg in wgs]
+    results = _results(_tunnel(2_600, 0.4, 25_000, 80, 300), [])
+    results["rounds"] = rounds
+    goals = tunnel_report.goals(results)
+    expected = [1.25, 1.25, 0.91, 3.33, 0.53, 0.53]
+    assert [round(g.value, 2) for g in goals[:6] if g.value is not None] == expected
+    assert [g.met for g in goals[:6]] == [True] * 6
+    assert [g.rounds_met for g in goals[:6]] == [(2, 3)] * 6
+    del results["rounds"]  # the ratios of the targets alone: 1.15, 1.15, 1.25, 2.4, 1.08, 1.08
+    assert [g.met for g in tunnel_report.goals(results)[:6]] == [False] * 6
+    results["rounds"] = rounds
+    results["goals"] = tunnel_report.goals_json(results)
+    assert "| met | 2 of 3 |" in tunnel_report.goals_table(results)
+    table = tunnel_report.rounds_table(results).splitlines()
+    assert "| CPU per Gbit/s, TCP 1 | 0.33 | 1.08 | 0.53 | - | - | 0.53 |" in table
+
+
 def test_goals_take_the_median_of_the_rounds_own_ratios() -> None:
     """Each round pairs the two tunnels measured minutes apart; the goals take the median
     of those ratios. The ratio of the two tunnels' median rounds would pair secureiod's
