@@ -3,19 +3,11 @@ from a run's own numbers, and a skipped tunnel must read "not measured", never "
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
-# loaded from its path: putting bench/ on sys.path would let its protocol.py, session.py ...
-# shadow other imports for the rest of the test session
-_PATH = Path(__file__).resolve().parent.parent / "bench" / "tunnel_report.py"
-_SPEC = importlib.util.spec_from_file_location("bench_tunnel_report", _PATH)
-assert _SPEC is not None and _SPEC.loader is not None
-tunnel_report = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = tunnel_report  # dataclasses look their module up by name
-_SPEC.loader.exec_module(tunnel_report)
+from bench_modules import load_bench
+
+tunnel_report = load_bench("tunnel_report")
 
 
 def _tunnel(tcp: float, ping: float, udp: int, cpu: float, rss_mib: float) -> dict[str, Any]:

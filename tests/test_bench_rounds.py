@@ -3,18 +3,11 @@ number is the median, and keeps that round's whole dict so CPU stays with its th
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
-# loaded from its path, like tests/test_bench_report.py: bench/ must not go on sys.path
-_PATH = Path(__file__).resolve().parent.parent / "bench" / "tunnel_rounds.py"
-_SPEC = importlib.util.spec_from_file_location("bench_tunnel_rounds", _PATH)
-assert _SPEC is not None and _SPEC.loader is not None
-tunnel_rounds = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = tunnel_rounds  # dataclasses look their module up by name
-_SPEC.loader.exec_module(tunnel_rounds)
+from bench_modules import load_bench
+
+tunnel_rounds = load_bench("tunnel_rounds")
 
 
 def _tunnel(tcp: float, udp: int, ping: float, cpu: float, rss: int = 1000) -> dict[str, Any]:
