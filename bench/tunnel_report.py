@@ -206,9 +206,6 @@ def many_peers_table(results: dict[str, Any]) -> str:
 
 # -- rounds ---------------------------------------------------------------------------------
 
-# the ratios whose spread over the rounds a reader needs to see to trust the goals
-ROUND_RATIOS = ("tcp1", "tcp4", "udp64", "ping")
-
 
 def rounds_table(results: dict[str, Any]) -> str:
     """secureiod / wireguard-go in each round and from the reported medians, so a reader
@@ -216,31 +213,23 @@ def rounds_table(results: dict[str, Any]) -> str:
     rounds = results.get("rounds") or []
     if len(rounds) < 2:
         return ""
-    rows = {row.key: row for row in ROWS}
-    labels = {"tcp1": "TCP 1", "tcp4": "TCP 4", "udp64": "UDP 64 B", "ping": "ping"}
-
-    def cell(targets: dict[str, Any], key: str) -> str:
-        row = rows[key]
-        return fmt(
-            ratio(row.value(targets.get("secureiod")), row.value(targets.get("wireguard-go"))), 2
-        )
-
     lines = [
         "| secureiod / wireguard-go | "
         + " | ".join(f"round {i + 1}" for i in range(len(rounds)))
         + " | median |",
         "|---|" + "---:|" * (len(rounds) + 1),
     ]
-    fields = {"tcp1": "mbit_s", "tcp4": "mbit_s", "udp64": "delivered_pps", "ping": "avg_ms"}
-    for key in ROUND_RATIOS:
-        cells = [cell(r, key) for r in rounds]
-        cells.append(fmt(paired_ratio(results, _measured(key, fields[key])), 2))
-        lines.append(f"| {labels[key]} | " + " | ".join(cells) + " |")
-    for key, what in (("tcp1", "CPU per Gbit/s, TCP 1"), ("tcp4", "CPU per Gbit/s, TCP 4")):
-        ratio_in = _cpu_ratio(key)
+    for label, ratio_in in (
+        ("TCP 1", _measured("tcp1", "mbit_s")),
+        ("TCP 4", _measured("tcp4", "mbit_s")),
+        ("UDP 64 B", _measured("udp64", "delivered_pps")),
+        ("ping", _measured("ping", "avg_ms")),
+        ("CPU per Gbit/s, TCP 1", _cpu_ratio("tcp1")),
+        ("CPU per Gbit/s, TCP 4", _cpu_ratio("tcp4")),
+    ):
         cells = [fmt(ratio_in(r), 2) for r in rounds]
         cells.append(fmt(paired_ratio(results, ratio_in), 2))
-        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append(
         "\na round's ratio pairs the two tunnels measured in that round; the goals take the "
         "median of these; the tables above show each tunnel's median round"

@@ -195,10 +195,7 @@ class TunDevice:
         stats.packets_read += len(packets)
         stats.bytes_read += size
         if code:
-            exc = OSError(code, os.strerror(code))
-            if code in _FATAL_ERRNOS:
-                raise self._dead(exc)
-            self._count(stats.read_errors, "read", exc)
+            self._failed(stats.read_errors, "read", code)
         return packets
 
     def write(self, packet: bytes | bytearray | memoryview) -> bool:
@@ -253,19 +250,24 @@ class TunDevice:
         if not errors:
             return []
         for _, code in errors:
-            exc = OSError(code, os.strerror(code))
-            if code in _FATAL_ERRNOS:
-                raise self._dead(exc)
-            self._count(stats.write_errors, "write", exc)
+            self._failed(stats.write_errors, "write", code)
         return [index for index, _ in errors]
 
     def write_batch(self, packets: Iterable[bytes | bytearray | memoryview]) -> int:
         """Write every packet (a refused one does not stop the rest); returns how many
         the kernel accepted."""
-        write = self.write
-        return sum(1 for packet in packets if write(packet))
+        batch = list(packets)
+        return len(batch) - len(self.write_many(b"", batch))
 
     # --- helpers ----------------------------------------------------------------------------
+
+    def _failed(self, kinds: dict[str, int], what: str, code: int) -> None:
+        """A batch call reported errno ``code``: a dead descriptor raises ``TunError``,
+        anything else is counted (and logged once per kind)."""
+        exc = OSError(code, os.strerror(code))
+        if code in _FATAL_ERRNOS:
+            raise self._dead(exc)
+        self._count(kinds, what, exc)
 
     def _count(self, kinds: dict[str, int], what: str, exc: OSError) -> None:
         code = exc.errno or 0

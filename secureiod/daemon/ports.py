@@ -24,7 +24,8 @@ Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 class TunPort(Protocol):
     """One TUN device. Packets are raw IP (with a 10-byte virtio-net header in front when
-    ``vnet_hdr`` is on). Writes never raise for a single bad packet: they return False."""
+    ``vnet_hdr`` is on). Writes never raise for a single bad packet: ``write_many`` returns
+    the indexes of the refused ones."""
 
     name: str
     vnet_hdr: bool
@@ -32,12 +33,10 @@ class TunPort(Protocol):
 
     def fileno(self) -> int: ...
     def read_batch(self, max_packets: int = 256, bufsize: int = 65535) -> list[bytes]: ...
-    def write(self, packet: bytes | bytearray | memoryview) -> bool: ...
-    def write_parts(self, header: bytes, packet: bytes | bytearray | memoryview) -> bool: ...
     def write_many(
         self, header: bytes, packets: Sequence[bytes | bytearray | memoryview]
     ) -> list[int]:
-        """``write_parts(header, p)`` for each packet in one call; the indexes refused."""
+        """``header + p`` written for each packet, in one call; the indexes refused."""
         ...
 
     def set_offload(self, flags: int) -> None: ...
