@@ -17,6 +17,7 @@ from secureiod.secureio.constants import KX_PACKET_SIZE
 from secureiod.secureio.demux import Demultiplexer
 from secureiod.secureio.events import MessageReceived, PathChanged
 from secureiod.secureio.identity import Identity
+from secureiod.secureio.negotiation import END_RESEND_DELAYS
 from secureiod.secureio.path import Address, path_key
 from secureiod.secureio.session import Session, SessionOptions
 
@@ -212,6 +213,7 @@ def test_roaming_by_data_is_found_by_trial_decryption() -> None:
 
 def test_roaming_by_key_exchange_is_found_by_its_signature() -> None:
     net = established_net(["p1", "p2", "p3"])
+    net.run(max(END_RESEND_DELAYS))  # no late END from p3 finds the new address first
     new: Address = ("198.18.9.10", 7778)
     net.peers["p3"].address = new
     kx_before = net.demux.stats.identified_kx

@@ -14,6 +14,7 @@ import pytest
 from fakes import Tunnel, two_sites, udp4
 
 from secureiod.daemon.receive import YIELD_BUDGET
+from secureiod.secureio.negotiation import END_RESEND_DELAYS
 
 SIZES = (900, 1000, 1100, 1200, 1300)
 """Growing packets, each in a datagram of its own: no two can share a GRO read."""
@@ -105,7 +106,7 @@ def test_gro_runs_are_delivered_run_by_run(
     (``SECUREIOD_NO_BATCH=1``: ``recv_batch``), datagram by datagram."""
     tunnel = Tunnel(two_sites(tmp_path))
     tunnel.wait_established(timeout=5)
-    tunnel.sim.run_for(0.1)
+    tunnel.sim.run_for(max(END_RESEND_DELAYS) + 0.1)  # the negotiation's late ENDs
     if not runs:
         tunnel.devices["b"].receive._recv_runs = None
     written = tunnel.nodes["b"].tun.written

@@ -82,6 +82,7 @@ def test_replayed_key_exchange_from_another_address_never_moves_the_endpoint() -
     """Issue 10 row 1: a captured clear key exchange of A, replayed to B from another address
     every 20 ms, diverted B's traffic for A to the attacker."""
     link = established(make_link())
+    link.run_past_late_ends()
     a, b = link.a.session, link.b.session
     captured = kx_datagrams(link.a.sent)
     newest, oldest = captured[-1], captured[0]  # validly signed, carrying A's current key

@@ -440,6 +440,7 @@ def test_mid_session_probing_sends_only_pings_and_pongs() -> None:
     b = link.b.session
     b._prober.stop()  # B behaves as a reference peer: it only answers
     a = link.a.session
+    link.run_past_late_ends()  # (the initial negotiation's ENDs: not mid-session)
     first = len(link.a.sent), len(link.b.sent)
     link.rules[id(a)].max_datagram = 1280 - 28
     stream(link, 4.0, lambda: a.payload_size)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from secureiod.secureio.events import Event, MessageReceived
+from secureiod.secureio.negotiation import END_RESEND_DELAYS
 from secureiod.secureio.path import Address, same_path
 from secureiod.secureio.session import Session
 
@@ -167,6 +168,11 @@ class Link:
                 self.now = max(self.now, deadline)
                 return
         raise AssertionError("link did not settle within max_steps")
+
+    def run_past_late_ends(self) -> None:
+        """Let the late copies of both negotiation ENDs go by (``END_RESEND_DELAYS``), for
+        a test that counts datagrams on a link that should be quiet."""
+        self.run(max(END_RESEND_DELAYS) + 0.01)
 
     def run_until(self, cond: Callable[[], bool], timeout: float = 30.0) -> None:
         self.run(timeout, until=cond)

@@ -26,6 +26,11 @@ Where we deliberately differ from the Go reference:
 * A re-negotiation of an established session (``current_size``: after a peer restart)
   never fails on a timeout: it finishes with the best size known, at worst the one in
   use, and sends END, so the session keeps working and a restarted peer can finish.
+* END goes out again, one copy each, ``END_RESEND_DELAYS`` after the first three. Go
+  sends its three back to back and never again, so a loss burst that takes all three
+  leaves the peer in Negotiating although we are established (seen under 5 % loss: the
+  peer waited until our dead-peer check restarted the session). Extra ENDs are harmless
+  to either implementation: both act on the first END only.
 
 Time is the caller's ``now`` (seconds); nothing here reads a clock or logs.
 """
@@ -60,6 +65,10 @@ _MINIMAL_WAIT = 0.001
 """Plus 1 ms, so a near-zero RTT still leaves the other pongs time to arrive."""
 _PINGS_PER_ROUND = 3
 """Go's ``negotiationPingsPerIteration``: the range is cut in 3 steps, i.e. 4 sizes."""
+END_RESEND_DELAYS = (0.25, 1.0, 3.0)
+"""Seconds after finishing at which one more copy of our END is sent (§8.3 sends only
+the first ``redundancy`` copies, back to back). Spread out so that a burst of loss or a
+short outage does not take them all; bounded, so a finished negotiation goes quiet."""
 
 REASON_READ_TIMEOUT = "negotiation read timeout"
 REASON_TOTAL_TIMEOUT = "negotiation total timeout"
@@ -131,6 +140,12 @@ class Negotiator:
         self.ignored_pongs = 0
         """Pongs that arrived late, before start, or that echo no ping of ours."""
         self._outgoing: list[bytes] = []
+        self._end: bytes = b""
+        self._end_resends: list[float] = []
+        """Times (seconds) of the END copies still to send, earliest first."""
+        self.end_resend_at: float | None = None
+        """The next of those, or None: a plain attribute, read by the session on every
+        wake-up to know whether a finished negotiator still needs its timer."""
         self._started = False
         self._start_time = 0.0
         self._ceiling = payload_size_limit
@@ -255,10 +270,13 @@ class Negotiator:
         return out
 
     def get_timer(self) -> float | None:
-        """The earliest deadline: window close, read timeout, or total timeout."""
+        """The earliest deadline: window close, read timeout, total timeout, or the next
+        copy of our END (which outlives ``done``)."""
         if not self._started or self.failed is not None or self.done:
-            return None
+            return self.end_resend_at
         deadlines: list[float] = []
+        if self.end_resend_at is not None:
+            deadlines.append(self.end_resend_at)
         if self._opts.total_timeout > 0:
             deadlines.append(self._start_time + self._opts.total_timeout)
         if self._collecting:
@@ -285,6 +303,8 @@ class Negotiator:
     def _poll(self, now: float) -> None:
         """Fire whatever deadline has passed. Called before every input too, so a caller
         that is late with ``handle_timer`` still sees the events in time order."""
+        if self.end_resend_at is not None and now >= self.end_resend_at:
+            self._resend_end(now)
         if not self._started or self.failed is not None or self.done:
             return
         total = self._opts.total_timeout
@@ -295,7 +315,7 @@ class Negotiator:
             # Re-negotiating: stop waiting (for pongs, or for the peer's END).
             self.timed_out = REASON_TOTAL_TIMEOUT
             if not self.local_finished:
-                self._finish_with_best()
+                self._finish_with_best(now)
             self.peer_finished = True
             return
         if not self._collecting:
@@ -343,7 +363,7 @@ class Negotiator:
     def _start_round(self, now: float) -> None:
         lo, hi = self._min, self._max
         if hi - lo <= 3:
-            self._finish()
+            self._finish(now)
             return
         step = (hi - lo) / _PINGS_PER_ROUND
         # The same float expression as the reference, so sizes match a Go peer's exactly.
@@ -372,7 +392,7 @@ class Negotiator:
             return
         next_max = next_min + int(self._step + 1)
         if next_min == self._min or next_min >= self._ceiling:
-            self._finish()
+            self._finish(now)
             return
         self._iter += 1
         self._min = next_min
@@ -380,7 +400,7 @@ class Negotiator:
         self._max = 2 * next_max if next_max >= self._max else next_max + 1
         self._max = min(self._max, self._ceiling)
         if self._iter >= self._opts.max_iterations:
-            self._finish()  # with END, unlike the reference (§13 item 18)
+            self._finish(now)  # with END, unlike the reference (§13 item 18)
             return
         self._start_round(now)
 
@@ -391,7 +411,7 @@ class Negotiator:
         self._min = max(MIN_PROBE_SIZE, self._best_verified())
         self._max = self._ceiling
         if self._iter >= self._opts.max_iterations:
-            self._finish()
+            self._finish(now)
             return
         self._start_round(now)
 
@@ -399,26 +419,37 @@ class Negotiator:
         """No pong for ``read_timeout``. A verified size is still a valid lower bound, so
         finish with it; with none the path (or peer) is unusable."""
         if self.local_largest >= MIN_PROBE_SIZE:
-            self._finish()
+            self._finish(now)
         elif self._current_size is not None:
             self.timed_out = REASON_READ_TIMEOUT
-            self._finish_with_best()
+            self._finish_with_best(now)
         else:
             self._fail(REASON_READ_TIMEOUT)
 
-    def _finish_with_best(self) -> None:
+    def _finish_with_best(self, now: float) -> None:
         """A re-negotiation that cannot finish on its own: END with the largest verified
         size, else the size the session already uses (it works, or the prober will see)."""
         if self.local_largest < MIN_PROBE_SIZE:
             assert self._current_size is not None
             self.local_largest = min(self._current_size, self._ceiling)
-        self._finish()
+        self._finish(now)
 
-    def _finish(self) -> None:
+    def _finish(self, now: float) -> None:
         self._collecting = False
         self.local_finished = True
-        end = NegotiationControl(self.local_largest, end=True).encode()
-        self._outgoing.extend([end] * self._opts.redundancy)
+        self._end = NegotiationControl(self.local_largest, end=True).encode()
+        self._outgoing.extend([self._end] * self._opts.redundancy)
+        self._end_resends = [now + delay for delay in END_RESEND_DELAYS]
+        self.end_resend_at = self._end_resends[0]
+
+    def _resend_end(self, now: float) -> None:
+        """One copy for all that are due: copies sent together are lost together, so a
+        caller late with its timer gains nothing from a second one."""
+        resends = self._end_resends
+        while resends and resends[0] <= now:
+            resends.pop(0)
+        self._outgoing.append(self._end)
+        self.end_resend_at = resends[0] if resends else None
 
     def _fail(self, reason: str) -> None:
         self._collecting = False
@@ -426,6 +457,7 @@ class Negotiator:
 
 
 __all__ = [
+    "END_RESEND_DELAYS",
     "MIN_PAYLOAD_SIZE",
     "MIN_PROBE_SIZE",
     "NegotiationOptions",

@@ -986,7 +986,7 @@ class Session:
         if k is not None and (t is None or k < t):
             t = k
         negotiator = self._negotiator
-        if not negotiator.done:
+        if not negotiator.done or negotiator.end_resend_at is not None:
             k = negotiator.get_timer()
             if k is not None and (t is None or k < t):
                 t = k
