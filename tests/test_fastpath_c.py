@@ -1367,6 +1367,56 @@ def test_a_request_and_its_reply_take_one_wait(rx: RxRig) -> None:
     assert result is not None and result[0] == pid and result[4] == 0
 
 
+def test_a_sent_request_and_its_answer_take_one_wait(rx: RxRig) -> None:
+    """The other daemon's half of a ping: with the lane's receive half armed, the wait goes
+    on after the send hop, the peer's answer a round trip later is delivered, and only then
+    does the wait return for Python to settle both halves (before, Python ran cold while
+    the answer waited for it)."""
+    rx_key, tx_key = KEYS["session"](), KEYS["session"]()
+    lane = routed_lane(rx, [rx_key])
+    pid = 78
+    lane.arm(tx_key.stream_key, tx_key.mac_seed, pid, 0, MTYPE, FLAGS, 1420, sockaddr(rx.peer_addr))
+    request = bytes([0x45, 0]) + struct.pack(">H", 24) + bytes(8) + DST4 + SRC4 + b"ping"
+    seen: list[bytes] = []
+
+    def peer() -> None:  # the remote daemon answers the request it got
+        rx.peer.settimeout(2.0)
+        seen.append(rx.peer.recv(1 << 16))  # (within the 2 ms the wait goes on for)
+        rx.send(packet.seal(rx_key, LATEST + 1, messages(inner4())))
+
+    answer = threading.Thread(target=peer)
+    answer.start()
+    rx.tun.send(request)
+    start = time.monotonic()
+    assert rx.fp.wait(5.0, 8) == []
+    assert time.monotonic() - start < 1.0  # returned after the answer, not at the timeout
+    answer.join()
+    assert seen == [packet.seal(tx_key, pid, messages(request))]
+    assert rx.delivered() == inner4()  # delivered within the same wait
+    assert rx.fp.take_used() == [lane]
+    assert not lane.armed and not lane.receive_armed
+    result = lane.take_result()
+    assert result is not None and result[0] == pid and result[4] == 0
+    got = lane.take_receive_result()
+    assert got is not None and got[0] == LATEST + 1
+
+
+def test_after_a_send_the_wait_goes_on_only_briefly(rx: RxRig) -> None:
+    """No answer comes: the wait returns within a few milliseconds of the send, not at its
+    timeout, with the receive half still armed; without a receive half it returns at once
+    (``test_wait_returns_at_once_after_a_sent_hop``)."""
+    rx_key, tx_key = KEYS["session"](), KEYS["session"]()
+    lane = routed_lane(rx, [rx_key])
+    lane.arm(tx_key.stream_key, tx_key.mac_seed, 5, 0, MTYPE, FLAGS, 1420, sockaddr(rx.peer_addr))
+    rx.tun.send(bytes([0x45, 0]) + struct.pack(">H", 24) + bytes(8) + DST4 + SRC4 + b"ping")
+    start = time.monotonic()
+    assert rx.fp.wait(5.0, 8) == []
+    assert time.monotonic() - start < 0.5
+    assert lane.take_result() is not None and lane.receive_armed
+    rx.peer.settimeout(2.0)
+    assert rx.peer.recv(1 << 16)  # it went out
+
+
 def test_after_a_receive_the_wait_goes_on_only_briefly(rx: RxRig) -> None:
     """No answer comes: the wait returns within a few milliseconds of the delivery (so
     Python settles the counters and ``last_received``), not at its timeout."""

@@ -10,7 +10,9 @@
  * select.epoll.poll plus this:
  *
  * The send hop: when the one ready descriptor is the TUN and its packet is routed to an
- * armed Lane, the packet is sealed as packet.seal seals it and sent, and the wait returns.
+ * armed Lane, the packet is sealed as packet.seal seals it and sent. With a receive lane
+ * armed the wait then goes on for a while (the answer is on its way back); otherwise it
+ * returns.
  *
  * The receive hop: when the one ready descriptor is the UDP socket and its datagram comes
  * from a peer armed for receive, it is opened as _accel.open opens it, checked (PacketID
@@ -809,9 +811,10 @@ static PyObject *one_ready(int fd, uint32_t events) {
     return ready_list(&ev, 1);
 }
 
-/* How long a wait goes on after a receive hop for the answer (a ping's reply comes within
- * ~0.1 ms): then it returns, and Python settles what the hop did (counters, last_received,
- * which the metrics thread reads without waking the loop). */
+/* How long a wait goes on after a hop for the answer (a ping's reply comes from the TUN
+ * within ~0.1 ms after a receive hop, from the peer within a round trip after a send hop):
+ * then it returns, and Python settles what the hop did (counters, last_received, which the
+ * metrics thread reads without waking the loop). */
 #define SETTLE_WITHIN_NS 2000000LL
 
 static inline int ms_ceil(int64_t ns) {
@@ -886,8 +889,15 @@ static PyObject *fp_wait_inner(FastPath *f, double timeout, int maxevents) {
         case HOP_AGAIN:
             continue;
         case HOP_SENT:
+            /* With a receive lane armed, wait on: the answer (a ping's reply) comes back
+             * within a round trip and the receive half may take it at once; Python then
+             * settles both, instead of running (cold) while the answer waits for it. But
+             * not for long, as after a receive hop. */
+            if (f->rx_count <= 0) return PyList_New(0);
+            if (settle_by == 0) settle_by = monotonic_ns() + SETTLE_WITHIN_NS;
+            continue;
         case HOP_SEND_FAILED:
-            return PyList_New(0); /* Python settles the lane while the packet travels */
+            return PyList_New(0); /* Python deals with the failure */
         case HOP_HANDED_BACK:
             return one_ready(f->tun_fd, EPOLLIN);
         case HOP_READ_ERROR:
