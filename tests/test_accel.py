@@ -100,6 +100,77 @@ def test_without_openssls_algorithms_the_accelerator_stays_on_with_libsodium(
     )
 
 
+def _cpu_has_avx512f() -> bool:
+    return any(
+        line.startswith("flags") and "avx512f" in line.split()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+    )
+
+
+def test_the_avx512_chacha_is_on_exactly_where_the_cpu_has_it() -> None:
+    """Where the CPU has AVX-512F, fragments are encrypted sixteen blocks at a time
+    (``chacha16_xor`` in ``_construction.h``): on such a box every byte-for-byte test in
+    this file and in test_rx_batch.py / test_tx_batch.py runs it, and a build that lost
+    it (a speed regression only) is noticed here."""
+    from secureiod.secureio import _accel, _rxbatch
+
+    assert _accel.AVX512 is _rxbatch.AVX512 is _cpu_has_avx512f()
+
+
+_SEAL_AND_OPEN = """
+import hashlib
+from secureiod.secureio import _accel, _rxbatch, rxbatch
+from secureiod.secureio.packet import PacketKey, seal_fragments
+key = PacketKey.session(bytes(range(32)), bytes(range(100, 116)))
+other = PacketKey.session(bytes(range(1, 33)), bytes(range(101, 117)))
+h = hashlib.sha256()
+pid = (1 << 32) - 40  # the PacketIDs (nonces) cross 2^32 on the way
+for e in (25, 90, 101, 1408, 1500):
+    for size in (1, 63, 64, 65, 1000, 1436, 1437, 16 * 1437, 17 * 1437 + 5, 59700):
+        out, count, seg = seal_fragments(key, pid, 0, 7, bytes(i % 251 for i in range(size)), 3, e)
+        pid += count
+        h.update(out)
+        if count > 64:  # more than one GRO read
+            continue
+        for keys in (((key.stream_key, key.mac_seed),),
+                     ((other.stream_key, other.mac_seed), (key.stream_key, key.mac_seed))):
+            h.update(repr(rxbatch.RXBATCH.open_run(out, seg, keys, 0)).encode())
+print(_accel.AVX512, _rxbatch.AVX512, h.hexdigest())
+"""
+
+
+def test_without_avx512_openssls_chacha_gives_the_same_bytes() -> None:
+    """``SECUREIOD_NO_AVX512=1`` (as a CPU without it) goes back to OpenSSL's ChaCha20 per
+    fragment: the same sealed bytes and the same opened runs as the AVX-512 path, and the
+    byte-for-byte tests against the Python reference pass on that path too."""
+    runs = {}
+    for off in ("", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "SECUREIOD_NO_AVX512"}
+        if off:
+            env["SECUREIOD_NO_AVX512"] = off
+        result = subprocess.run(
+            [sys.executable, "-c", _SEAL_AND_OPEN],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[off] = result.stdout.split()
+    assert runs["1"][:2] == ["False", "False"]
+    assert runs[""][:2] == [str(_cpu_has_avx512f())] * 2
+    assert runs[""][2] == runs["1"][2]
+    root = Path(__file__).parent
+    _pytest_passes(
+        {**os.environ, "SECUREIOD_NO_AVX512": "1"},
+        "-k",
+        "crossovers or captures or random or open_run or threads or reference",
+        str(root / "test_accel.py"),
+        str(root / "test_rx_batch.py"),
+        str(root / "test_tx_batch.py"),
+    )
+
+
 def test_blake3_matches_package() -> None:
     rng = random.Random(3)
     for _ in range(2000):

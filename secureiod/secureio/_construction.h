@@ -25,6 +25,7 @@
 #include <openssl/evp.h>
 #include <sodium.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static const uint32_t B3_IV[8] = {0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A,
@@ -174,6 +175,157 @@ static void poly_keys(const uint8_t *mac_seed, const uint64_t pid[KEY_LANES],
 }
 
 /*
+ * ChaCha20 (DJB's: 64-bit nonce, 64-bit block counter) of many inputs under one key at
+ * once: sixteen 64-byte blocks per pass in the lanes of AVX-512 registers, the blocks taken
+ * from any of the inputs (a TSO segment's 45 fragments are 1,035 blocks: 65 full passes).
+ * Why: OpenSSL's ChaCha20 must be set up again for every fragment's nonce, and in OpenSSL
+ * 3.0 that set-up (EVP_EncryptInit_ex, which asks the provider for the IV length by name)
+ * was 5-9 % of the sending daemon's CPU; a C microbenchmark of 45 fragments of 1,437 bytes:
+ * 430 ns a fragment here against 616 for OpenSSL with its set-up. Only where the CPU has
+ * AVX-512F (checked at run time: HAVE_CHACHA16) and SECUREIOD_NO_AVX512 is not set; tests
+ * check it against libsodium and the Python reference, both ways.
+ */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define CHACHA16_BUILT 1
+typedef struct {
+    uint8_t *out;       /* may equal in */
+    const uint8_t *in;
+    size_t len;
+    uint64_t nonce;     /* the 8 nonce bytes as a little-endian integer (a PacketID) */
+} chacha_job_t;
+
+#define C16_QR(a, b, c, d)                                 \
+    do {                                                   \
+        a = _mm512_add_epi32(a, b); d = _mm512_xor_si512(d, a); d = _mm512_rol_epi32(d, 16); \
+        c = _mm512_add_epi32(c, d); b = _mm512_xor_si512(b, c); b = _mm512_rol_epi32(b, 12); \
+        a = _mm512_add_epi32(a, b); d = _mm512_xor_si512(d, a); d = _mm512_rol_epi32(d, 8);  \
+        c = _mm512_add_epi32(c, d); b = _mm512_xor_si512(b, c); b = _mm512_rol_epi32(b, 7);  \
+    } while (0)
+
+/* One pass: the key streams of 16 blocks, lane l = (counter lo/hi, nonce lo/hi)[l], as 16
+ * registers each holding one block's 64 bytes. */
+__attribute__((target("avx512f"))) static void chacha16_pass(const uint32_t key[8],
+                                                             const uint32_t w12[16],
+                                                             const uint32_t w13[16],
+                                                             const uint32_t w14[16],
+                                                             const uint32_t w15[16],
+                                                             __m512i blk[16]) {
+    __m512i s[16], x[16];
+    s[0] = _mm512_set1_epi32(0x61707865);
+    s[1] = _mm512_set1_epi32(0x3320646e);
+    s[2] = _mm512_set1_epi32(0x79622d32);
+    s[3] = _mm512_set1_epi32(0x6b206574);
+    for (int i = 0; i < 8; i++) s[4 + i] = _mm512_set1_epi32((int)key[i]);
+    s[12] = _mm512_loadu_si512(w12);
+    s[13] = _mm512_loadu_si512(w13);
+    s[14] = _mm512_loadu_si512(w14);
+    s[15] = _mm512_loadu_si512(w15);
+    for (int i = 0; i < 16; i++) x[i] = s[i];
+    for (int r = 0; r < 10; r++) {
+        C16_QR(x[0], x[4], x[8], x[12]);
+        C16_QR(x[1], x[5], x[9], x[13]);
+        C16_QR(x[2], x[6], x[10], x[14]);
+        C16_QR(x[3], x[7], x[11], x[15]);
+        C16_QR(x[0], x[5], x[10], x[15]);
+        C16_QR(x[1], x[6], x[11], x[12]);
+        C16_QR(x[2], x[7], x[8], x[13]);
+        C16_QR(x[3], x[4], x[9], x[14]);
+    }
+    for (int i = 0; i < 16; i++) x[i] = _mm512_add_epi32(x[i], s[i]);
+    /* Transpose 16x16 words: x[w] holds word w of every block; blk[l] is block l. */
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 4) {
+        t[i] = _mm512_unpacklo_epi32(x[i], x[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(x[i], x[i + 1]);
+        t[i + 2] = _mm512_unpacklo_epi32(x[i + 2], x[i + 3]);
+        t[i + 3] = _mm512_unpackhi_epi32(x[i + 2], x[i + 3]);
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);     /* element 0 of each 4 */
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]); /* element 1 */
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        __m512i v = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88);
+        __m512i w = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xDD);
+        __m512i p = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
+        __m512i q = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xDD);
+        blk[k] = _mm512_shuffle_i32x4(v, p, 0x88);
+        blk[8 + k] = _mm512_shuffle_i32x4(v, p, 0xDD);
+        blk[4 + k] = _mm512_shuffle_i32x4(w, q, 0x88);
+        blk[12 + k] = _mm512_shuffle_i32x4(w, q, 0xDD);
+    }
+}
+
+/* out = in XOR ChaCha20(key, job.nonce, block counter from ic) for every job, the jobs'
+ * blocks sixteen at a time. */
+__attribute__((target("avx512f"))) static void chacha16_xor(const uint8_t key[32],
+                                                            const chacha_job_t *jobs,
+                                                            size_t njobs, uint64_t ic) {
+    uint32_t k[8];
+    for (int i = 0; i < 8; i++)
+        k[i] = (uint32_t)key[4 * i] | ((uint32_t)key[4 * i + 1] << 8) |
+               ((uint32_t)key[4 * i + 2] << 16) | ((uint32_t)key[4 * i + 3] << 24);
+    uint32_t w12[16], w13[16], w14[16], w15[16];
+    uint8_t *lane_out[16];
+    const uint8_t *lane_in[16];
+    size_t lane_len[16];
+    __m512i blk[16];
+    int n = 0;
+    size_t j = 0, off = 0;
+    for (;;) {
+        /* fill the lanes with the next blocks */
+        while (n < 16 && j < njobs) {
+            const chacha_job_t *jb = &jobs[j];
+            if (off >= jb->len) { j++; off = 0; continue; }
+            uint64_t ctr = ic + off / 64;
+            w12[n] = (uint32_t)ctr;
+            w13[n] = (uint32_t)(ctr >> 32);
+            w14[n] = (uint32_t)jb->nonce;
+            w15[n] = (uint32_t)(jb->nonce >> 32);
+            lane_out[n] = jb->out + off;
+            lane_in[n] = jb->in + off;
+            lane_len[n] = jb->len - off < 64 ? jb->len - off : 64;
+            n++;
+            off += 64;
+        }
+        if (n == 0) break;
+        for (int l = n; l < 16; l++) { w12[l] = w13[l] = w14[l] = w15[l] = 0; }
+        chacha16_pass(k, w12, w13, w14, w15, blk);
+        for (int l = 0; l < n; l++) {
+            if (lane_len[l] == 64) {
+                __m512i d = _mm512_loadu_si512(lane_in[l]);
+                _mm512_storeu_si512(lane_out[l], _mm512_xor_si512(d, blk[l]));
+            } else {
+                uint8_t ks[64];
+                _mm512_storeu_si512(ks, blk[l]);
+                for (size_t b = 0; b < lane_len[l]; b++) lane_out[l][b] = lane_in[l][b] ^ ks[b];
+                memset(ks, 0, sizeof ks);
+            }
+        }
+        n = 0;
+    }
+    for (int l = 0; l < 16; l++) blk[l] = _mm512_setzero_si512();
+    memset(k, 0, sizeof k);
+}
+#else
+#define CHACHA16_BUILT 0
+typedef struct {
+    uint8_t *out;
+    const uint8_t *in;
+    size_t len;
+    uint64_t nonce;
+} chacha_job_t;
+static void chacha16_xor(const uint8_t key[32], const chacha_job_t *jobs, size_t njobs,
+                         uint64_t ic) {
+    (void)key; (void)jobs; (void)njobs; (void)ic;
+}
+#endif
+
+/* Set by the module's init: the CPU runs chacha16_xor and the environment allows it. */
+static int HAVE_CHACHA16;
+
+/*
  * OpenSSL's algorithms, fetched once by the module's init function into its module state
  * and only read afterwards (fetched algorithm objects may be shared between threads).
  */
@@ -207,6 +359,10 @@ static PyObject *construction_module(struct PyModuleDef *def) {
         return NULL;
     }
     POLY_XOR_PID = load64((const uint8_t *)"github.c");
+#if CHACHA16_BUILT
+    __builtin_cpu_init();
+    HAVE_CHACHA16 = __builtin_cpu_supports("avx512f") && getenv("SECUREIOD_NO_AVX512") == NULL;
+#endif
     PyObject *m = PyModule_Create(def);
     if (m == NULL) return NULL;
     int openssl = algorithms_fetch(PyModule_GetState(m)) == 0;
@@ -214,7 +370,8 @@ static PyObject *construction_module(struct PyModuleDef *def) {
         algorithms_free(PyModule_GetState(m));
         ERR_clear_error();
     }
-    if (PyModule_AddObjectRef(m, "OPENSSL", openssl ? Py_True : Py_False) < 0) {
+    if (PyModule_AddObjectRef(m, "OPENSSL", openssl ? Py_True : Py_False) < 0 ||
+        PyModule_AddObjectRef(m, "AVX512", HAVE_CHACHA16 ? Py_True : Py_False) < 0) {
         Py_DECREF(m);
         return NULL;
     }
