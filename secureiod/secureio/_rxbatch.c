@@ -97,10 +97,9 @@ static int parse_keys(PyObject *keys, keys_t *out) {
  * (the caller then discards the whole run). pk0: the first key's Poly1305 key for this
  * datagram's PacketID, computed already (or NULL).
  *
- * In three steps, so that rx_open_run can decrypt the bodies of many datagrams together
- * (chacha16_xor) between the first and the last: open_head finds the key and decrypts the
- * first block, open_body the rest, open_tail checks the payload's tag and reads the
- * fragment header.
+ * In three steps: open_head finds the key and decrypts the first block, open_body the
+ * rest, open_tail checks the payload's tag and reads the fragment header. With AVX-512,
+ * open_group does the first two for sixteen datagrams at a time and shares open_tail.
  */
 
 /* Returns the index of the key whose header tag verifies, with its Poly1305 key in pk and
@@ -190,6 +189,45 @@ static void open_one(const uint8_t *d, Py_ssize_t n, const keys_t *keys, uint64_
     sodium_memzero(pk, sizeof pk);
 }
 
+/*
+ * The AVX-512 path of open_one for up to JOBS datagrams of a run (segs[in_group[q]]), whose
+ * first blocks jobs[q] (into heads[q]) are to be decrypted under the first key, with
+ * group_pk[q] that key's Poly1305 key for each: the first blocks together, then the bodies
+ * of those whose header tag verified under the first key, together too; every other
+ * datagram goes to open_one, which tries each key as before. Same results as open_one.
+ */
+static void open_group(const uint8_t *d, segment_t *segs, uint8_t *plain, const keys_t *keys,
+                       uint64_t mask, crypto_t *c, chacha_job_t *jobs, uint8_t (*heads)[64],
+                       uint8_t (*group_pk)[32], const Py_ssize_t *in_group, int count) {
+    const uint8_t *sk = keys->stream[0];
+    chacha16_xor(sk, jobs, (size_t)count, 0);
+    int bodies[JOBS], nb = 0;
+    for (int q = 0; q < count && c->error == CRYPTO_OK; q++) {
+        segment_t *s = &segs[in_group[q]];
+        uint8_t tag[16];
+        crypto_onetimeauth_poly1305(tag, heads[q] + 32, 4, group_pk[q]);
+        if (crypto_verify_16(tag, heads[q]) != 0) {
+            open_one(d + s->off, s->len, keys, mask, plain + s->off, s, c, group_pk[q]);
+            continue;
+        }
+        memcpy(plain + s->off + 8, heads[q], jobs[q].len);
+        if ((size_t)(s->len - 8) <= 64) {
+            open_tail(s->len, plain + s->off, s, c, 0, group_pk[q]);
+            continue;
+        }
+        jobs[nb] = (chacha_job_t){plain + s->off + 8 + 64, d + s->off + 8 + 64,
+                                  (size_t)(s->len - 8 - 64), s->pid};
+        bodies[nb++] = q;
+    }
+    if (c->error != CRYPTO_OK) return;
+    chacha16_xor(sk, jobs, (size_t)nb, 1);
+    for (int b = 0; b < nb && c->error == CRYPTO_OK; b++) {
+        int q = bodies[b];
+        segment_t *s = &segs[in_group[q]];
+        open_tail(s->len, plain + s->off, s, c, 0, group_pk[q]);
+    }
+}
+
 static int joins(const segment_t *prev, const segment_t *s) {
     return s->status == 0 && s->fragment && s->key_index == prev->key_index &&
            prev->pid != UINT64_MAX && s->pid == prev->pid + 1 && s->mtype == prev->mtype &&
@@ -257,9 +295,9 @@ static PyObject *rx_open_run(PyObject *self, PyObject *args) {
     /* With chacha16 and an encrypting first key: bodies decrypted JOBS at a time. */
     int multi = HAVE_CHACHA16 && keys.count > 0 && keys.stream[0] != NULL;
     chacha_job_t jobs[JOBS];
-    Py_ssize_t queued[JOBS];
-    uint8_t queued_pk[JOBS][32];
-    int nq = 0;
+    Py_ssize_t in_group[JOBS];
+    uint8_t group_pk[JOBS][32], heads[JOBS][64];
+    int nh = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t k = 0; k < nseg && c.error == CRYPTO_OK; k++) {
         segment_t *s = &segs[k];
@@ -284,36 +322,30 @@ static PyObject *rx_open_run(PyObject *self, PyObject *args) {
             open_one(d + s->off, s->len, &keys, (uint64_t)mask, plain + s->off, s, &c, pk0);
             continue;
         }
-        /* Under the first key, the body waits to be decrypted with up to JOBS others. */
-        uint8_t *pk = queued_pk[nq];
-        int key = open_head(d + s->off, s->len, &keys, (uint64_t)mask, plain + s->off, s, pk0, pk);
-        if (key < 0) continue;
-        if (key != 0 || s->len - 8 <= 64) {
-            if (open_body(d + s->off, s->len, keys.stream[key], plain + s->off, s->pid, &c) == 0)
-                open_tail(s->len, plain + s->off, s, &c, key, pk);
-            continue;
-        }
-        jobs[nq] = (chacha_job_t){plain + s->off + 8 + 64, d + s->off + 8 + 64,
-                                  (size_t)(s->len - 8 - 64), s->pid};
-        queued[nq++] = k;
-        if (nq == JOBS || k + 1 == nseg) {
-            chacha16_xor(keys.stream[0], jobs, nq, 1);
-            for (int q = 0; q < nq && c.error == CRYPTO_OK; q++) {
-                segment_t *t = &segs[queued[q]];
-                open_tail(t->len, plain + t->off, t, &c, 0, queued_pk[q]);
-            }
-            nq = 0;
-        }
-    }
-    if (nq > 0 && c.error == CRYPTO_OK) { /* the loop ended on a datagram not queued */
-        chacha16_xor(keys.stream[0], jobs, nq, 1);
-        for (int q = 0; q < nq && c.error == CRYPTO_OK; q++) {
-            segment_t *t = &segs[queued[q]];
-            open_tail(t->len, plain + t->off, t, &c, 0, queued_pk[q]);
+        /* The first block waits to be decrypted with the group's others under the first key
+           (open_head's work, sixteen at a time). */
+        s->fragment = 0;
+        s->status = 1;
+        if (s->len < HEADER) goto next;
+        uint64_t pid = load64(d + s->off) ^ (uint64_t)mask;
+        if (pid == 0) goto next;
+        s->pid = pid;
+        s->status = 2;
+        if (pk0 != NULL) memcpy(group_pk[nh], pk0, 32);
+        else poly_key(keys.seed[0], pid, group_pk[nh]);
+        size_t first = (size_t)(s->len - 8) < 64 ? (size_t)(s->len - 8) : 64;
+        jobs[nh] = (chacha_job_t){heads[nh], d + s->off + 8, first, pid};
+        in_group[nh++] = k;
+    next:
+        if (nh == JOBS || (k + 1 == nseg && nh > 0)) {
+            open_group(d, segs, plain, &keys, (uint64_t)mask, &c, jobs, heads, group_pk,
+                       in_group, nh);
+            nh = 0;
         }
     }
     sodium_memzero(pks, sizeof pks);
-    sodium_memzero(queued_pk, sizeof queued_pk);
+    sodium_memzero(group_pk, sizeof group_pk);
+    sodium_memzero(heads, sizeof heads);
     crypto_release(&c);
     Py_END_ALLOW_THREADS
     if (c.error != CRYPTO_OK) {
