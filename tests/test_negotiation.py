@@ -124,13 +124,14 @@ class Sim:
             if (len(self._queue), len(self.a.pings), len(self.b.pings)) == before:
                 return
 
-    def run(self, until: float = 1000.0) -> None:
+    def run(self, until: float = 1000.0, max_steps: int = 100_000) -> None:
+        """Bounded: a negotiator whose timer never moves on fails the test, not hangs it."""
         for side in (self.a, self.b):
             if side.start_at is not None and side.start_at <= self.now:
                 side.neg.start(self.now)
                 side.start_at = None
         self._flush_all()
-        while True:
+        for _ in range(max_steps):
             candidates: list[float] = []
             if self._queue:
                 candidates.append(self._queue[0][0])
@@ -152,6 +153,8 @@ class Sim:
                     side.start_at = None
                 side.neg.handle_timer(self.now)
             self._flush_all()
+        else:
+            raise AssertionError(f"no quiet point within {max_steps} steps (a stuck timer?)")
 
 
 def make_sim(
@@ -256,6 +259,27 @@ def test_end_goes_out_again_later_then_the_negotiator_is_quiet() -> None:
         )
         assert side.neg.done and side.neg.get_timer() is None
         assert side.neg.end_resend_at is None
+
+
+def test_the_late_copies_are_spread_and_keep_the_value_ended_on() -> None:
+    """Spread over seconds (a burst or a short outage does not take them all), the first
+    soon; and each copy is the END first sent, even after an EMSGSIZE lowered what a new
+    END would report."""
+    assert 0 < END_RESEND_DELAYS[0] <= 0.5
+    assert 2.0 <= END_RESEND_DELAYS[-1] <= 10.0
+    assert list(END_RESEND_DELAYS) == sorted(set(END_RESEND_DELAYS))
+    neg = Negotiator(P, NegotiationOptions())
+    neg.start(0.0)
+    neg.take_outgoing()
+    neg.handle_message(pong_for(encode_ping(0, P)), 0.001)
+    neg.handle_timer(0.005)
+    end = NegotiationControl(P, end=True).encode()
+    assert neg.local_finished and neg.take_outgoing() == [end] * 3
+    neg.report_too_big(1000, 0.01)  # the kernel now refuses what we ended on
+    assert neg.local_largest < P
+    for delay in END_RESEND_DELAYS:
+        neg.handle_timer(0.005 + delay)
+        assert neg.take_outgoing() == [end]
 
 
 def test_a_late_timer_sends_one_copy_for_all_the_overdue_ends() -> None:

@@ -29,8 +29,9 @@ Where we deliberately differ from the Go reference:
 * END goes out again, one copy each, ``END_RESEND_DELAYS`` after the first three. Go
   sends its three back to back and never again, so a loss burst that takes all three
   leaves the peer in Negotiating although we are established (seen under 5 % loss: the
-  peer waited until our dead-peer check restarted the session). Extra ENDs are harmless
-  to either implementation: both act on the first END only.
+  peer waited until our dead-peer check restarted the session). Both implementations act
+  on the first END only, so the copies change nothing for a peer that has one; a Go peer
+  that blocks on an END (its negotiation disabled, §13 item 19) blocks on the first three.
 
 Time is the caller's ``now`` (seconds); nothing here reads a clock or logs.
 """
@@ -440,7 +441,7 @@ class Negotiator:
         self._end = NegotiationControl(self.local_largest, end=True).encode()
         self._outgoing.extend([self._end] * self._opts.redundancy)
         self._end_resends = [now + delay for delay in END_RESEND_DELAYS]
-        self.end_resend_at = self._end_resends[0]
+        self.end_resend_at = self._end_resends[0] if self._end_resends else None
 
     def _resend_end(self, now: float) -> None:
         """One copy for all that are due: copies sent together are lost together, so a
