@@ -1411,7 +1411,7 @@ def test_after_a_send_the_wait_goes_on_only_briefly(rx: RxRig) -> None:
     rx.tun.send(bytes([0x45, 0]) + struct.pack(">H", 24) + bytes(8) + DST4 + SRC4 + b"ping")
     start = time.monotonic()
     assert rx.fp.wait(5.0, 8) == []
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 0.05  # 2 ms (SETTLE_WITHIN_NS), with room for a busy box
     assert lane.take_result() is not None and lane.receive_armed
     rx.peer.settimeout(2.0)
     assert rx.peer.recv(1 << 16)  # it went out

@@ -279,6 +279,7 @@ static PyObject *accel_seal_fragments(PyObject *self, PyObject *args) {
         o += HEADER + mlen;
     }
     sodium_memzero(pks, sizeof pks);
+    if (multi) sodium_stackzero(CHACHA16_SCRUB);
     crypto_release(&c);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&msg);

@@ -346,6 +346,7 @@ static PyObject *rx_open_run(PyObject *self, PyObject *args) {
     sodium_memzero(pks, sizeof pks);
     sodium_memzero(group_pk, sizeof group_pk);
     sodium_memzero(heads, sizeof heads);
+    if (multi) sodium_stackzero(CHACHA16_SCRUB);
     crypto_release(&c);
     Py_END_ALLOW_THREADS
     if (c.error != CRYPTO_OK) {
