@@ -185,9 +185,6 @@ static void poly_keys(const uint8_t *mac_seed, const uint64_t pid[KEY_LANES],
  * AVX-512F (checked at run time: HAVE_CHACHA16) and SECUREIOD_NO_AVX512 is not set; tests
  * check it against libsodium and the Python reference, both ways.
  */
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define CHACHA16_BUILT 1
 typedef struct {
     uint8_t *out;       /* may equal in */
     const uint8_t *in;
@@ -195,6 +192,9 @@ typedef struct {
     uint64_t nonce;     /* the 8 nonce bytes as a little-endian integer (a PacketID) */
 } chacha_job_t;
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define CHACHA16_BUILT 1
 #define C16_QR(a, b, c, d)                                 \
     do {                                                   \
         a = _mm512_add_epi32(a, b); d = _mm512_xor_si512(d, a); d = _mm512_rol_epi32(d, 16); \
@@ -264,9 +264,7 @@ __attribute__((target("avx512f"))) static void chacha16_xor(const uint8_t key[32
                                                             const chacha_job_t *jobs,
                                                             size_t njobs, uint64_t ic) {
     uint32_t k[8];
-    for (int i = 0; i < 8; i++)
-        k[i] = (uint32_t)key[4 * i] | ((uint32_t)key[4 * i + 1] << 8) |
-               ((uint32_t)key[4 * i + 2] << 16) | ((uint32_t)key[4 * i + 3] << 24);
+    for (int i = 0; i < 8; i++) k[i] = load32(key + 4 * i);
     uint32_t w12[16], w13[16], w14[16], w15[16];
     uint8_t *lane_out[16];
     const uint8_t *lane_in[16];
@@ -311,12 +309,6 @@ __attribute__((target("avx512f"))) static void chacha16_xor(const uint8_t key[32
 }
 #else
 #define CHACHA16_BUILT 0
-typedef struct {
-    uint8_t *out;
-    const uint8_t *in;
-    size_t len;
-    uint64_t nonce;
-} chacha_job_t;
 static void chacha16_xor(const uint8_t key[32], const chacha_job_t *jobs, size_t njobs,
                          uint64_t ic) {
     (void)key; (void)jobs; (void)njobs; (void)ic;
