@@ -47,6 +47,12 @@ def test_quiet_pings_take_the_hop_both_ways_and_count_as_the_python_path(
     assert hop_a1["sends"] - hop_a0["sends"] >= n - 2, (hop_a0, hop_a1)
     assert hop_b1["sends"] - hop_b0["sends"] >= n - 2, (hop_b0, hop_b1)
     assert hop_a1["send_failures"] == hop_b1["send_failures"] == 0
+    # after each hop the daemon polled for the answer (_fastpath.c SPIN_NS): B caught its
+    # TUN's reply, microseconds later, nearly every time; A the reply from B, a round trip
+    # later, at least once (its polls turn off after three misses, on with an answer)
+    assert hop_b1["spin_answers"] - hop_b0["spin_answers"] >= n - 4, (hop_b0, hop_b1)
+    assert hop_a1["spins"] - hop_a0["spins"] >= n // 4, (hop_a0, hop_a1)
+    assert hop_a1["spin_answers"] > hop_a0["spin_answers"], (hop_a0, hop_a1)
     # and every reply reached A's TUN by A's hop, every request B's TUN by B's
     assert hop_a1["receives"] - hop_a0["receives"] >= n - 2, (hop_a0, hop_a1)
     assert hop_b1["receives"] - hop_b0["receives"] >= n - 2, (hop_b0, hop_b1)

@@ -372,5 +372,8 @@ class LoneHop:
             "handed_back": int(fast.handed_back),
             "receives": int(fast.receives),
             "receive_handed_back": int(fast.receive_handed_back),
+            "spins": int(fast.spins),
+            "spin_answers": int(fast.spin_answers),
+            "spin_us": int(fast.spin_ns) // 1000,
             "lanes": len(self._lanes),
         }
