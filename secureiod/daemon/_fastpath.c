@@ -957,7 +957,7 @@ static PyObject *fp_wait_inner(FastPath *f, double timeout, int maxevents) {
                 hop_at = monotonic_ns();
                 if (settle_by == 0) settle_by = hop_at + SETTLE_WITHIN_NS;
                 expect_fd = f->tun_fd;
-                spin_until = spin_start(f, hop_at);
+                if (forever || hop_at < deadline) spin_until = spin_start(f, hop_at);
                 continue;
             case RX_HANDED_BACK:
                 return one_ready(f->udp_fd, EPOLLIN);
@@ -981,7 +981,7 @@ static PyObject *fp_wait_inner(FastPath *f, double timeout, int maxevents) {
             hop_at = monotonic_ns();
             if (settle_by == 0) settle_by = hop_at + SETTLE_WITHIN_NS;
             expect_fd = f->udp_fd;
-            spin_until = spin_start(f, hop_at);
+            if (forever || hop_at < deadline) spin_until = spin_start(f, hop_at);
             continue;
         case HOP_SEND_FAILED:
             return PyList_New(0); /* Python deals with the failure */
