@@ -1339,67 +1339,88 @@ def test_a_request_and_its_reply_take_one_wait(rx: RxRig) -> None:
     """With the lane's send half armed, the wait goes on after delivering a datagram: the
     answer comes from the TUN a moment later and the send half takes it, then the wait
     returns and Python settles both halves (a ping's round trip through one daemon
-    without Python in between)."""
+    without Python in between). The "kernel" is a Python thread, which waits for the GIL
+    the poll after the hop holds: on a loaded box its answer may miss the 2 ms, so up to
+    twenty tries (a late answer is sent by the next wait), one of which must be in time."""
     rx_key, tx_key = KEYS["session"](), KEYS["session"]()
     lane = routed_lane(rx, [rx_key])
-    pid = 77
-    lane.arm(tx_key.stream_key, tx_key.mac_seed, pid, 0, MTYPE, FLAGS, 1420, sockaddr(rx.peer_addr))
-    request = inner4(payload=b"ping")
     reply = bytes([0x45, 0]) + struct.pack(">H", 24) + bytes(8) + DST4 + SRC4 + b"pong"
-    sent = rx.send(packet.seal(rx_key, LATEST + 1, messages(request)))
-
-    def kernel() -> None:  # the "kernel" answers what it was handed
-        rx.delivered()
-        rx.tun.send(reply)
-
-    answer = threading.Thread(target=kernel)
-    answer.start()
-    start = time.monotonic()
-    assert rx.fp.wait(5.0, 8) == []
-    assert time.monotonic() - start < 1.0  # returned after the send, not at the timeout
-    answer.join()
     rx.peer.settimeout(2.0)
-    assert rx.peer.recv(1 << 16) == packet.seal(tx_key, pid, messages(reply))
-    assert rx.fp.take_used() == [lane]
-    assert not lane.armed and not lane.receive_armed
-    got = lane.take_receive_result()
-    assert got is not None and got[0] == LATEST + 1 and got[2] == len(sent) and got[4] == 0
-    result = lane.take_result()
-    assert result is not None and result[0] == pid and result[4] == 0
+    for attempt in range(20):
+        pid, rx_pid = 77 + attempt, LATEST + 1 + attempt
+        lane.arm(
+            tx_key.stream_key, tx_key.mac_seed, pid, 0, MTYPE, FLAGS, 1420, sockaddr(rx.peer_addr)
+        )
+        rx.arm(lane, [rx_key], latest=rx_pid - 1)
+        sent = rx.send(packet.seal(rx_key, rx_pid, messages(inner4(payload=b"ping"))))
+
+        def kernel() -> None:  # the "kernel" answers what it was handed
+            rx.delivered()
+            rx.tun.send(reply)
+
+        answer = threading.Thread(target=kernel)
+        answer.start()
+        start = time.monotonic()
+        assert rx.fp.wait(5.0, 8) == []
+        assert time.monotonic() - start < 1.0  # returned after the send, not at the timeout
+        answer.join()
+        got = lane.take_receive_result()
+        assert got is not None and got[0] == rx_pid and got[2] == len(sent) and got[4] == 0
+        in_time = lane.take_result() is not None
+        if not in_time:
+            assert rx.fp.wait(2.0, 8) == []  # the late answer: the send hop takes it now
+            assert lane.take_result() is not None
+        assert rx.peer.recv(1 << 16) == packet.seal(tx_key, pid, messages(reply))
+        assert rx.fp.take_used() == [lane]
+        assert not lane.armed and not lane.receive_armed
+        if in_time:
+            break
+    else:
+        pytest.fail("twenty answers in a row missed the wait after the delivery")
 
 
 def test_a_sent_request_and_its_answer_take_one_wait(rx: RxRig) -> None:
     """The other daemon's half of a ping: with the lane's receive half armed, the wait goes
     on after the send hop, the peer's answer a round trip later is delivered, and only then
     does the wait return for Python to settle both halves (before, Python ran cold while
-    the answer waited for it)."""
+    the answer waited for it). The peer is a Python thread: up to twenty tries, as above."""
     rx_key, tx_key = KEYS["session"](), KEYS["session"]()
     lane = routed_lane(rx, [rx_key])
-    pid = 78
-    lane.arm(tx_key.stream_key, tx_key.mac_seed, pid, 0, MTYPE, FLAGS, 1420, sockaddr(rx.peer_addr))
     request = bytes([0x45, 0]) + struct.pack(">H", 24) + bytes(8) + DST4 + SRC4 + b"ping"
-    seen: list[bytes] = []
+    for attempt in range(20):
+        pid, rx_pid = 78 + attempt, LATEST + 1 + attempt
+        lane.arm(
+            tx_key.stream_key, tx_key.mac_seed, pid, 0, MTYPE, FLAGS, 1420, sockaddr(rx.peer_addr)
+        )
+        rx.arm(lane, [rx_key], latest=rx_pid - 1)
+        seen: list[bytes] = []
 
-    def peer() -> None:  # the remote daemon answers the request it got
-        rx.peer.settimeout(2.0)
-        seen.append(rx.peer.recv(1 << 16))  # (within the 2 ms the wait goes on for)
-        rx.send(packet.seal(rx_key, LATEST + 1, messages(inner4())))
+        def peer(seen: list[bytes], rx_pid: int) -> None:  # the remote daemon answers
+            rx.peer.settimeout(2.0)
+            seen.append(rx.peer.recv(1 << 16))  # (within the 2 ms the wait goes on for)
+            rx.send(packet.seal(rx_key, rx_pid, messages(inner4())))
 
-    answer = threading.Thread(target=peer)
-    answer.start()
-    rx.tun.send(request)
-    start = time.monotonic()
-    assert rx.fp.wait(5.0, 8) == []
-    assert time.monotonic() - start < 1.0  # returned after the answer, not at the timeout
-    answer.join()
-    assert seen == [packet.seal(tx_key, pid, messages(request))]
-    assert rx.delivered() == inner4()  # delivered within the same wait
-    assert rx.fp.take_used() == [lane]
-    assert not lane.armed and not lane.receive_armed
-    result = lane.take_result()
-    assert result is not None and result[0] == pid and result[4] == 0
-    got = lane.take_receive_result()
-    assert got is not None and got[0] == LATEST + 1
+        answer = threading.Thread(target=peer, args=(seen, rx_pid))
+        answer.start()
+        rx.tun.send(request)
+        start = time.monotonic()
+        assert rx.fp.wait(5.0, 8) == []
+        assert time.monotonic() - start < 1.0  # returned after the answer, not at the timeout
+        answer.join()
+        assert seen == [packet.seal(tx_key, pid, messages(request))]
+        result = lane.take_result()
+        assert result is not None and result[0] == pid and result[4] == 0
+        in_time = lane.take_receive_result() is not None
+        if not in_time:
+            assert rx.fp.wait(2.0, 8) == []  # the late answer: the receive hop takes it now
+            assert lane.take_receive_result() is not None
+        assert rx.delivered() == inner4()  # delivered within the same wait, when in time
+        assert rx.fp.take_used() == [lane]
+        assert not lane.armed and not lane.receive_armed
+        if in_time:
+            break
+    else:
+        pytest.fail("twenty answers in a row missed the wait after the send")
 
 
 def test_after_a_send_the_wait_goes_on_only_briefly(rx: RxRig) -> None:
@@ -1452,9 +1473,10 @@ def send_unanswered(rx: RxRig, lane: _fastpath.Lane, key: PacketKey, pid: int) -
 
 def send_answered_late(
     rx: RxRig, lane: _fastpath.Lane, keys: tuple[PacketKey, PacketKey], pid: int, rx_pid: int
-) -> None:
+) -> bool:
     """A send hop whose answer comes from a Python thread: only after any poll (which holds
-    the GIL) has ended, within the settle wait."""
+    the GIL) has ended, within the settle wait if the box is quick enough (True), else
+    after it: then later waits take it in (False)."""
     rx_key, tx_key = keys
     lane.arm(tx_key.stream_key, tx_key.mac_seed, pid, 0, MTYPE, FLAGS, 1420, sockaddr(rx.peer_addr))
 
@@ -1468,9 +1490,15 @@ def send_answered_late(
     rx.tun.send(PING)
     assert rx.fp.wait(5.0, 8) == []
     answer.join()
-    assert rx.delivered() == inner4()  # within the same wait
-    assert lane.take_result() is not None and lane.take_receive_result() is not None
+    assert lane.take_result() is not None
+    same_wait = lane.take_receive_result() is not None
+    deadline = time.monotonic() + 5
+    while not same_wait and lane.take_receive_result() is None:  # a loaded box: too late
+        assert time.monotonic() < deadline, "no answer within 5 s"
+        rx.fp.wait(0.1, 8)
+    assert rx.delivered() == inner4()
     rx.fp.take_used()
+    return same_wait
 
 
 def test_the_poll_after_a_send_turns_off_when_answers_stop() -> None:
@@ -1483,19 +1511,27 @@ def test_the_poll_after_a_send_turns_off_when_answers_stop() -> None:
         rx_key, tx_key = KEYS["session"](), KEYS["session"]()
         lane = routed_lane(rx, [rx_key])
         pid = 100
-        for i in range(_fastpath.SPIN_MISSES_OFF + 3):
+        counts = []
+        for _ in range(_fastpath.SPIN_MISSES_OFF + 3):
             send_unanswered(rx, lane, tx_key, pid)
             pid += 1
-            assert spin_counts(rx.fp) == (min(i + 1, _fastpath.SPIN_MISSES_OFF), 0)
-        assert rx.fp.spin_ns >= _fastpath.SPIN_MISSES_OFF * _fastpath.SPIN_NS
-        send_answered_late(rx, lane, (rx_key, tx_key), pid, LATEST + 1)  # off: no poll
-        pid += 1
-        assert spin_counts(rx.fp) == (_fastpath.SPIN_MISSES_OFF, 0)
-        rx.arm(lane, [rx_key], latest=LATEST + 1)
+            counts.append(spin_counts(rx.fp))
+        off = _fastpath.SPIN_MISSES_OFF
+        assert counts == [(min(i + 1, off), 0) for i in range(off + 3)]
+        assert rx.fp.spin_ns >= off * _fastpath.SPIN_NS
+        for late in range(1, 21):  # off: no poll; an answer within the settle wait turns it on
+            same_wait = send_answered_late(rx, lane, (rx_key, tx_key), pid, LATEST + late)
+            pid += 1
+            assert spin_counts(rx.fp) == (off, 0)
+            rx.arm(lane, [rx_key], latest=LATEST + late)
+            if same_wait:
+                break
+        else:
+            pytest.fail("20 answers in a row missed the 2 ms settle wait")
         for _ in range(2):  # on again for one poll, off after its miss
             send_unanswered(rx, lane, tx_key, pid)
             pid += 1
-            assert spin_counts(rx.fp) == (_fastpath.SPIN_MISSES_OFF + 1, 0)
+            assert spin_counts(rx.fp) == (off + 1, 0)
     finally:
         rig.close()
 
@@ -1519,7 +1555,12 @@ def test_polling_takes_at_most_its_share_of_the_time() -> None:
         elapsed = time.monotonic_ns() - start
         allowed = _fastpath.SPIN_BUDGET_NS + elapsed // _fastpath.SPIN_SHARE + _fastpath.SPIN_NS
         assert rx.fp.spin_ns <= allowed + 2 * 10**6  # one poll may overrun by a clock read
-        assert rx.fp.spins < exchanges
+        # (on a box so loaded that the exchanges took long enough to refill the budget for
+        # every poll, only the bound above can be checked)
+        if elapsed < _fastpath.SPIN_SHARE * (
+            exchanges * _fastpath.SPIN_NS - _fastpath.SPIN_BUDGET_NS
+        ):
+            assert rx.fp.spins < exchanges
     finally:
         rig.close()
 
@@ -1527,14 +1568,14 @@ def test_polling_takes_at_most_its_share_of_the_time() -> None:
 def test_the_poll_catches_an_answer_from_another_process() -> None:
     """The point of the poll: an answer that comes while it polls is taken by it (counted in
     spin_answers), not after a sleep. The answering peer is a separate process, so the GIL
-    the poll holds does not hold it back; one of ten must be caught (a loaded box may be
-    slower than SPIN_NS each time, but not ten times in a row)."""
+    the poll holds does not hold it back; one of fifty must be caught (a loaded box may be
+    slower than SPIN_NS many times, but not fifty times in a row)."""
     rig = make_rx_rig(False)
     rx = next(rig)
     try:
         rx_key, tx_key = KEYS["session"](), KEYS["session"]()
         lane = routed_lane(rx, [rx_key])
-        answers = [packet.seal(rx_key, LATEST + 1 + i, messages(inner4())) for i in range(10)]
+        answers = [packet.seal(rx_key, LATEST + 1 + i, messages(inner4())) for i in range(50)]
         script = (
             "import socket,sys\n"
             "s = socket.socket(fileno=int(sys.argv[1]))\n"
@@ -1558,7 +1599,7 @@ def test_the_poll_catches_an_answer_from_another_process() -> None:
             assert child.stdout.readline() == "ready\n"
             child.stdin.write("".join(a.hex() + "\n" for a in answers))
             child.stdin.flush()
-            for i in range(10):
+            for i in range(50):
                 lane.arm(
                     tx_key.stream_key,
                     tx_key.mac_seed,
@@ -1588,6 +1629,137 @@ def test_the_poll_catches_an_answer_from_another_process() -> None:
         assert rx.fp.spins >= rx.fp.spin_answers
     finally:
         rig.close()
+
+
+def test_a_poll_ended_by_something_else_is_a_miss(rx: RxRig) -> None:
+    """Review 10: a fast one-way stream cut every poll short with its next packet, which did
+    not count as a miss, so polling never turned off (5 % of a core, at the budget). Now
+    the next packet from the TUN, not the answer from the peer, is a miss like a timeout."""
+    rx_key, tx_key = KEYS["session"](), KEYS["session"]()
+    lane = routed_lane(rx, [rx_key])
+    tries = _fastpath.SPIN_MISSES_OFF + 6
+    for i in range(tries):
+        lane.arm(
+            tx_key.stream_key,
+            tx_key.mac_seed,
+            300 + i,
+            0,
+            MTYPE,
+            FLAGS,
+            1420,
+            sockaddr(rx.peer_addr),
+        )
+        rx.tun.send(PING)
+        rx.tun.send(PING)  # the stream's next packet: ready while the first one's poll runs
+        assert rx.fp.wait(5.0, 8) == [(rx.tun_fd, IN)]  # the second, for Python
+        assert os.read(rx.tun_fd, 1 << 16)
+        assert lane.take_result() is not None and lane.receive_armed
+        rx.fp.take_used()
+    # three misses turn it off (one more may be cut by the settle limit, which is not a
+    # miss, when a loaded box deschedules us for 2 ms between the hop and the poll)
+    assert _fastpath.SPIN_MISSES_OFF <= rx.fp.spins <= _fastpath.SPIN_MISSES_OFF + 2 < tries
+    assert rx.fp.spin_answers == 0
+
+
+def test_a_poll_ends_at_the_callers_deadline() -> None:
+    """A wait for less than SPIN_NS returns by its timeout, poll or not (the best of five:
+    a loaded box may deschedule any one of them)."""
+    rig = make_rx_rig(False)
+    rx = next(rig)
+    try:
+        rx_key, tx_key = KEYS["session"](), KEYS["session"]()
+        lane = routed_lane(rx, [rx_key])
+        took = []
+        for i in range(5):
+            lane.arm(
+                tx_key.stream_key,
+                tx_key.mac_seed,
+                400 + i,
+                0,
+                MTYPE,
+                FLAGS,
+                1420,
+                sockaddr(rx.peer_addr),
+            )
+            rx.tun.send(PING)
+            rx.epoll.poll(2.0)  # ready: the wait's own clock starts at the hop
+            start = time.monotonic()
+            assert rx.fp.wait(_fastpath.SPIN_NS / 2e9, 8) == []
+            took.append(time.monotonic() - start)
+            assert lane.take_result() is not None
+            rx.fp.take_used()
+        assert rx.fp.spins >= 1
+        assert min(took) < 0.85 * _fastpath.SPIN_NS / 1e9, took
+    finally:
+        rig.close()
+
+
+def test_polls_after_one_hop_after_another_keep_the_settle_limit() -> None:
+    """Review 10: with many lanes armed, each hop started a new poll and the 2 ms settle
+    limit was never checked while polling, so datagrams from many peers 150 us apart held one
+    wait (and the GIL, timers, the control socket, SIGTERM) for 21 ms. Now the first hop's
+    settle limit ends the wait whatever comes after it. (Three things break that chain
+    each on its own: a poll ends at the settle limit, no hop after it starts one, and a
+    datagram where the TUN's answer was expected is a miss; this fails only without all.)"""
+    rig = make_rx_rig(False)
+    rx = next(rig)
+    peers: list[socket.socket] = []
+    try:
+        key, tx = KEYS["session"](), KEYS["session"]()
+        n = 100
+        dgrams = []
+        for i in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("127.0.0.1", 0))
+            peers.append(s)
+            lane = _fastpath.Lane()
+            rx.arm(lane, [key], sockaddr=sockaddr(s.getsockname()))
+            lane.arm(
+                tx.stream_key, tx.mac_seed, 10 + i, 0, MTYPE, FLAGS, 1420, sockaddr(s.getsockname())
+            )
+            src = bytes([198, 19, 1, 10 + i])
+            rx.fp.route(src, lane)
+            dgrams.append(packet.seal(key, LATEST + 1, messages(inner4(src))))
+        script = (
+            "import socket,sys,time\n"
+            "socks = [socket.socket(fileno=int(f)) for f in sys.argv[2].split(',')]\n"
+            "to = ('127.0.0.1', int(sys.argv[1]))\n"
+            "data = [bytes.fromhex(x) for x in sys.stdin.read().split()]\n"
+            "t = time.perf_counter()\n"
+            "for s, d in zip(socks, data):\n"
+            "    while time.perf_counter() < t: pass\n"
+            "    s.sendto(d, to)\n"
+            "    t += 150e-6\n"
+        )
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                script,
+                str(rx.udp.getsockname()[1]),
+                ",".join(str(s.fileno()) for s in peers),
+            ],
+            stdin=subprocess.PIPE,
+            text=True,
+            pass_fds=[s.fileno() for s in peers],
+        )
+        try:
+            assert child.stdin is not None
+            child.stdin.write(" ".join(d.hex() for d in dgrams))
+            child.stdin.close()
+            assert rx.epoll.poll(5.0)  # the first datagram is here
+            start = time.monotonic()
+            assert rx.fp.wait(5.0, 8) == []
+            took = time.monotonic() - start
+        finally:
+            child.wait(10)
+        assert rx.fp.receives >= 1
+        # 2 ms (SETTLE_WITHIN_NS) and a poll's clock reads; the stream lasts 15 ms
+        assert took < 0.008, (took, rx.fp.receives, rx.fp.spins)
+    finally:
+        rig.close()
+        for s in peers:
+            s.close()
 
 
 def test_a_coalesced_read_counts_every_datagram_as_recv_runs_does(rx: RxRig) -> None:

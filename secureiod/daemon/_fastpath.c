@@ -827,8 +827,9 @@ static PyObject *one_ready(int fd, uint32_t events) {
  * a send lane armed), the wait first polls without sleeping for up to SPIN_NS: a ping's
  * answer then finds this process running, where a sleeping one costs a wake-up (0.1-0.5 ms
  * on a VM: the slow tail of a ping's RTT). SPIN_MISSES_OFF polls in a row that their
- * answers missed turn it off, so a one-way stream of lone packets pays three polls, not one
- * per packet. An answer that comes later in the settle wait turns it on again (until one
+ * answers missed (they timed out, or another event came first) turn it off, so a one-way
+ * stream of lone packets pays three polls, not one per packet. A poll never outlasts the
+ * first hop's settle limit, and no hop after that limit starts one. An answer that comes later in the settle wait turns it on again (until one
  * more miss; a caught answer clears the misses). Whatever the traffic, at most
  * 1/SPIN_SHARE of the time goes to polling (a budget of up to SPIN_BUDGET_NS).
  */
@@ -853,8 +854,9 @@ static int64_t spin_start(FastPath *f, int64_t now) {
 
 enum { SPIN_MISSED, SPIN_ANSWERED, SPIN_CUT };
 
-/* The poll that began at `started` ended at `now`: with the answer, without it within SPIN_NS
- * (it goes off), or cut short by another event or the caller's deadline. */
+/* The poll that began at `started` ended at `now`: with the answer; without it (SPIN_NS
+ * passed, or another event came first: the next packet of a one-way stream); or cut short
+ * by the caller's deadline or the settle limit, which says nothing about answers. */
 static void spin_end(FastPath *f, int64_t started, int64_t now, int how) {
     int64_t spent = now > started ? now - started : 0;
     f->spin_budget -= spent;
@@ -888,7 +890,7 @@ static PyObject *fp_wait_inner(FastPath *f, double timeout, int maxevents) {
         int ms = -1, polling = 0;
         if (spin_until != 0) {
             int64_t now = monotonic_ns();
-            if (now < spin_until && (forever || now < deadline)) {
+            if (now < spin_until && now < settle_by && (forever || now < deadline)) {
                 polling = 1;
             } else {
                 spin_end(f, hop_at, now, now < spin_until ? SPIN_CUT : SPIN_MISSED);
@@ -928,7 +930,7 @@ static PyObject *fp_wait_inner(FastPath *f, double timeout, int maxevents) {
             int answered = 0;
             for (int i = 0; i < n; i++) answered |= ev[i].data.fd == expect_fd;
             if (spin_until != 0) {
-                spin_end(f, hop_at, monotonic_ns(), answered ? SPIN_ANSWERED : SPIN_CUT);
+                spin_end(f, hop_at, monotonic_ns(), answered ? SPIN_ANSWERED : SPIN_MISSED);
                 spin_until = 0;
             } else if (answered) {
                 f->spin_off = 0; /* answers come: poll for the next one */
@@ -957,7 +959,8 @@ static PyObject *fp_wait_inner(FastPath *f, double timeout, int maxevents) {
                 hop_at = monotonic_ns();
                 if (settle_by == 0) settle_by = hop_at + SETTLE_WITHIN_NS;
                 expect_fd = f->tun_fd;
-                if (forever || hop_at < deadline) spin_until = spin_start(f, hop_at);
+                if ((forever || hop_at < deadline) && hop_at < settle_by)
+                    spin_until = spin_start(f, hop_at);
                 continue;
             case RX_HANDED_BACK:
                 return one_ready(f->udp_fd, EPOLLIN);
@@ -981,7 +984,8 @@ static PyObject *fp_wait_inner(FastPath *f, double timeout, int maxevents) {
             hop_at = monotonic_ns();
             if (settle_by == 0) settle_by = hop_at + SETTLE_WITHIN_NS;
             expect_fd = f->udp_fd;
-            if (forever || hop_at < deadline) spin_until = spin_start(f, hop_at);
+            if ((forever || hop_at < deadline) && hop_at < settle_by)
+                spin_until = spin_start(f, hop_at);
             continue;
         case HOP_SEND_FAILED:
             return PyList_New(0); /* Python deals with the failure */
