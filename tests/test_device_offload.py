@@ -140,3 +140,35 @@ def test_a_bad_offload_header_from_the_peer_never_reaches_the_tun(tmp_path: Path
     assert drops["inner-bad-length"] == 1
     assert tunnel.nodes["a"].tun.written == [header + packet]  # only the good one
     assert tunnel.peer("a", "b").counters.rx_packets == 1
+
+
+def test_plain_and_offload_packets_of_one_read_keep_their_order_and_counts(
+    tmp_path: Path,
+) -> None:
+    """One TUN read of small plain packets, checksum-offload packets (header flags set:
+    sent with their header) and whole segments, interleaved: each kind goes to the session
+    in runs (``SendPath.write_run``), and B's TUN gets them all in the order A read them,
+    counted once each (bytes without the virtio-net header, as one at a time counted them)."""
+    tunnel = Tunnel(two_sites(tmp_path), vnet_hdr=["a", "b"])
+    tunnel.wait_established(timeout=5)
+    tunnel.sim.run_for(0.1)
+    csum = struct.pack("<BBHHHH", 1, 0, 0, 0, 20, 6)  # NEEDS_CSUM, no segmentation
+    sent: list[bytes] = []
+    for i in range(40):
+        payload = bytes([i]) * (i % 7 * 13)
+        if i % 10 == 9:
+            header, packet = segment(seq=i, size=3000 + i)
+        elif i % 3 == 0:
+            header, packet = csum, udp4("198.19.0.1", "198.19.0.2", payload)
+        else:
+            header, packet = ZERO_VNET_HDR, udp4("198.19.0.1", "198.19.0.2", payload)
+        assert tunnel.nodes["a"].tun.inject(packet, vnet_header=header)
+        sent.append(header + packet)
+    c = tunnel.peer("a", "b").counters
+    tx0, bytes0 = c.tx_packets, c.tx_bytes
+    tunnel.sim.run_for(0.2)
+    assert tunnel.nodes["b"].tun.written == sent
+    assert c.tx_packets - tx0 == len(sent)
+    assert c.tx_bytes - bytes0 == sum(len(p) - 10 for p in sent)
+    rx = tunnel.peer("b", "a").counters
+    assert rx.rx_packets == len(sent) and not any(rx.drops.values()), rx.drops

@@ -63,7 +63,20 @@ def test_a_message_the_session_refuses_is_a_counted_drop(
             raise errors.pop(0)
         real(mtype, payload, now)
 
+    def refusing_each(
+        mtype: int, payloads: Any, now: float, offset: int = 0
+    ) -> list[tuple[int, Exception]]:
+        """``write_messages`` as the session refuses: in place, the rest still written."""
+        refused: list[tuple[int, Exception]] = []
+        for i, payload in enumerate(payloads):
+            try:
+                refusing(mtype, payload[offset:], now)
+            except (ValueError, MalformedError) as exc:
+                refused.append((i, exc))
+        return refused
+
     monkeypatch.setattr(peer.session, "write_message", refusing)
+    monkeypatch.setattr(peer.session, "write_messages", refusing_each)
     for seq in range(3):
         tunnel.ping("a", "b", seq)
     tunnel.sim.run_for(0.1)

@@ -441,7 +441,8 @@ def test_a_lone_runt_from_the_tun_is_no_route_not_a_crash(tmp_path: Path, vnet: 
 def test_what_the_session_refuses_is_counted_by_why_in_every_send_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, reason: str
 ) -> None:
-    """``write`` and the TUN loop's steady-state copy of it count refusals alike."""
+    """``write`` and the TUN loop's batch call (``write_run``: ``Session.write_messages``,
+    which returns refusals instead of raising them) count refusals alike."""
     tunnel = Tunnel(two_sites(tmp_path))
     tunnel.wait_established(timeout=5)
     peer = tunnel.peer("a", "b")
@@ -453,6 +454,11 @@ def test_what_the_session_refuses_is_counted_by_why_in_every_send_loop(
     monkeypatch.setattr(peer.session, "write_message", refusing)
     assert not tunnel.call("a", lambda now: tunnel.devices["a"].send.write(peer, RW, b"x", now))
     assert peer.counters.drops[reason] == 1
+    monkeypatch.setattr(
+        peer.session,
+        "write_messages",
+        lambda _t, payloads, *_: [(i, error) for i in range(len(payloads))],
+    )
     monkeypatch.setattr(peer.session, "seal_message_now", lambda *_: None)
     for seq in range(20):  # one wake-up reads a batch: the loop
         tunnel.ping("a", "b", seq)
