@@ -133,6 +133,7 @@ SETTLES: dict[str, Any] = {
     "open_run": lambda s, now: s.open_run(b"j" * 200, 100),
     "receive_group": lambda s, now: s.receive_group(None, 0, ADDR_B, now),
     "write_message": lambda s, now: s.write_message(RW, b"x", now),
+    "write_messages": lambda s, now: s.write_messages(RW, [b"x"], now),
     "seal_message_now": lambda s, now: s.seal_message_now(RW, b"x", now),
     "reserve_message": lambda s, now: s.reserve_message(RW, lambda: None),
     "reserve_receive": lambda s, now: s.reserve_receive(RW, lambda: None),

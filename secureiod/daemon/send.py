@@ -114,7 +114,6 @@ class SendPath:
 
     def on_tun(self, now: float) -> None:
         lookup = self.router.lookup_destination
-        write_run = self.write_run
         batch = self.batch
         size = batch.on_wake(now)
         take_pending = self.take_pending
@@ -128,7 +127,10 @@ class SendPath:
             if len(packets) == 1:
                 self._send_lone(packets[0], 0, now)
                 return
-            # consecutive packets to one peer go to its session in one call
+            # each peer's packets go to its session in one call, in the order read (the
+            # order between peers is not kept anyway: each session is flushed on its own);
+            # a run per change of peer cost more than one call per packet on a hub
+            runs: dict[Peer, list[bytes]] = {}
             run: list[bytes] = []
             run_peer: Peer | None = None
             for packet in packets:
@@ -137,13 +139,14 @@ class SendPath:
                     self.no_route += 1
                     continue
                 if peer is not run_peer:
-                    if run:
-                        write_run(run_peer, DATA_TYPE, run, 0, 0, now)  # type: ignore[arg-type]
-                        run = []
+                    run = runs.get(peer)  # type: ignore[assignment]
+                    if run is None:
+                        run = runs[peer] = []
                     run_peer = peer
                 run.append(packet)
-            if run:
-                write_run(run_peer, DATA_TYPE, run, 0, 0, now)  # type: ignore[arg-type]
+            write_run = self.write_run
+            for peer, run in runs.items():
+                write_run(peer, DATA_TYPE, run, 0, 0, now)
             return
         if pending is None:
             bufs = self.tun.read_batch(size, MAX_SEGMENT)
@@ -157,9 +160,9 @@ class SendPath:
             if len(buf) > VNET_HDR_SIZE and buf[0] == 0 and buf[1] == 0:
                 self._send_lone(buf, VNET_HDR_SIZE, now)
                 return
-        run: list[bytes] = []  # consecutive packets of one kind to one peer: one call
-        run_peer: Peer | None = None
-        run_type = DATA_TYPE
+        # each peer's packets in runs of one kind (plain, or with offload work: sent with
+        # the header), one call per run; a peer's runs go in the order read
+        runs: dict[Peer, tuple[int, list[bytes]]] = {}
         for buf in bufs:
             peer = lookup(buf, VNET_HDR_SIZE)
             if peer is None:
@@ -172,17 +175,21 @@ class SendPath:
             else:
                 peer.counters.drops["offload-unsupported"] += 1
                 continue
-            if peer is not run_peer or mtype != run_type:
-                if run:  # in order: what came before this packet goes first
-                    offset = VNET_HDR_SIZE if run_type == DATA_TYPE else 0
-                    write_run(run_peer, run_type, run, offset, VNET_HDR_SIZE, now)  # type: ignore[arg-type]
-                    run = []
-                run_peer = peer
-                run_type = mtype
-            run.append(buf)
-        if run:
-            offset = VNET_HDR_SIZE if run_type == DATA_TYPE else 0
-            write_run(run_peer, run_type, run, offset, VNET_HDR_SIZE, now)  # type: ignore[arg-type]
+            current = runs.get(peer)
+            if current is not None and current[0] == mtype:
+                current[1].append(buf)
+                continue
+            if current is not None:  # in order: what came before this packet goes first
+                self._write_vnet_run(peer, *current, now)
+            runs[peer] = (mtype, [buf])
+        for peer, (mtype, run) in runs.items():
+            self._write_vnet_run(peer, mtype, run, now)
+
+    def _write_vnet_run(self, peer: Peer, mtype: int, bufs: list[bytes], now: float) -> None:
+        """A run of virtio-net buffers: plain IP packets without their header, the others
+        with it; neither counts the header's bytes."""
+        offset = VNET_HDR_SIZE if mtype == DATA_TYPE else 0
+        self.write_run(peer, mtype, bufs, offset, VNET_HDR_SIZE, now)
 
     def write_run(
         self, peer: Peer, mtype: int, packets: list[bytes], offset: int, header: int, now: float

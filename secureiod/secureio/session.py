@@ -674,29 +674,32 @@ class Session:
         batch = self._batch
         filled = self._batch_size
         written = 0
-        for i, p in enumerate(payloads):
-            size = len(p) - offset
-            if size > limit:  # fragments, or refused: the general path, in its place
+        try:  # if anything escapes (a payload that is not bytes), the batch's books stay right
+            for i, p in enumerate(payloads):
+                size = len(p) - offset
+                if not 0 <= size <= limit:  # fragments, refused, or a runt: the general path
+                    self._batch_size = filled
+                    self.stats.tx_messages += written
+                    written = 0
+                    refused += self._write_each(message_type, (p,), now, offset, i)
+                    batch = self._batch
+                    filled = self._batch_size
+                    continue
+                needed = MESSAGE_HEADER_SIZE + size
+                if batch and filled + needed > room:
+                    self._batch_size = filled
+                    self._flush_batch(now)
+                    batch = self._batch
+                    filled = 0
+                batch.append(pack(message_type, size, _CONF) + (p[offset:] if offset else p))
+                filled += needed
+                written += 1
+        finally:
+            if batch is self._batch:  # else a flush that raised has reset the batch itself
                 self._batch_size = filled
-                self.stats.tx_messages += written
-                written = 0
-                refused += self._write_each(message_type, (p,), now, offset, i)
-                batch = self._batch
-                filled = self._batch_size
-                continue
-            needed = MESSAGE_HEADER_SIZE + size
-            if batch and filled + needed > room:
-                self._batch_size = filled
-                self._flush_batch(now)
-                batch = self._batch
-                filled = 0
-            batch.append(pack(message_type, size, _CONF) + (p[offset:] if offset else p))
-            filled += needed
-            written += 1
-        self._batch_size = filled
-        self.stats.tx_messages += written
-        if batch and self._batch_deadline is None:
-            self._batch_deadline = now + send_delay
+            self.stats.tx_messages += written
+            if self._batch and self._batch_deadline is None:
+                self._batch_deadline = now + send_delay
         return refused
 
     def _write_each(
