@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from identities import ID_A, ID_B
 from test_lone_path import ADDR_B, RW, _established, _session, _state
+from test_write_run import _same
 
 from secureiod.secureio import MessageType
 from secureiod.secureio.session import Session
@@ -47,17 +48,6 @@ def _twins(**kw: Any) -> tuple[Session, Session, float]:
     return a1, a2, now
 
 
-def _compare(a1: Session, a2: Session, payloads: list[bytes], now: float, offset: int) -> None:
-    want = _each(a1, payloads, now, offset)
-    got = [(i, type(exc)) for i, exc in a2.write_messages(RW, payloads, now, offset)]
-    assert got == want
-    assert _state(a2) == _state(a1)
-    for s in (a1, a2):
-        s.flush(now)
-    assert a2.datagrams_to_send(now) == a1.datagrams_to_send(now)
-    assert _state(a2) == _state(a1)
-
-
 @pytest.mark.parametrize("fragments", [True, False], ids=["fragments", "no-fragments"])
 @pytest.mark.parametrize("offset", [0, 10])
 @pytest.mark.parametrize("seed", range(6))
@@ -87,7 +77,7 @@ def test_refusals_come_back_in_place_and_stop_nothing() -> None:
     refused = a2.write_messages(RW, payloads, now)
     assert [i for i, _ in refused] == [1, 3]
     a2b, a1b, _ = _twins(enable_fragmentation=False)
-    _compare(a1b, a2b, payloads, now, 0)
+    _same(a1b, a2b, payloads, now, 0)
 
 
 def test_internal_types_are_refused_as_write_message_refuses_them() -> None:
@@ -104,5 +94,5 @@ def test_before_establishment_the_messages_queue_as_one_at_a_time() -> None:
     for s in (s1, s2):
         s.start(now)
     payloads = [bytes([i]) * (i * 7 + 1) for i in range(20)]
-    _compare(s1, s2, payloads, now, 0)
+    _same(s1, s2, payloads, now, 0)
     assert s2._queued and s2._queued == s1._queued
