@@ -360,8 +360,8 @@ typedef struct FastPath {
     uint8_t *rbuf;            /* RX_BUF: the datagram as recvmsg returned it */
     PyObject *pending_dgram;  /* (bytes, segment_size, address) handed back, or NULL */
     unsigned long long udp_datagrams, udp_bytes, receives, receive_handed_back;
-    /* The poll after a hop (see SPIN_NS): off after a poll the answer missed, on again when
-     * an answer comes within SPIN_NS of its hop; spin_budget bounds its share of the CPU. */
+    /* The poll after a hop (see SPIN_NS): off after SPIN_MISSES_OFF polls in a row missed
+     * their answers, on again with an answer; spin_budget bounds its share of the CPU. */
     int spin_off, spin_missed; /* off; polls missed in a row */
     int64_t spin_budget, spin_budget_at;
     unsigned long long spins, spin_answers, spin_ns;
@@ -828,21 +828,21 @@ static PyObject *one_ready(int fd, uint32_t events) {
  * answer then finds this process running, where a sleeping one costs a wake-up (0.1-0.5 ms
  * on a VM: the slow tail of a ping's RTT). SPIN_MISSES_OFF polls in a row that their
  * answers missed (they timed out, or another event came first) turn it off, so a one-way
- * stream of lone packets pays three polls, not one per packet. A poll never outlasts the
- * first hop's settle limit, and no hop after that limit starts one. An answer that comes later in the settle wait turns it on again (until one
- * more miss; a caught answer clears the misses). Whatever the traffic, at most
- * 1/SPIN_SHARE of the time goes to polling (a budget of up to SPIN_BUDGET_NS).
+ * stream of lone packets pays three polls, not one per packet. An answer that comes later
+ * in the settle wait turns it on again (until one more miss; a caught answer clears the
+ * misses). A poll never outlasts the first hop's settle limit or the caller's deadline, and
+ * none starts after them. Whatever the traffic, at most 1/SPIN_SHARE of the time goes to
+ * polling (a budget of up to SPIN_BUDGET_NS).
  */
-#ifndef SPIN_NS
 #define SPIN_NS 300000LL
-#endif
 #define SPIN_MISSES_OFF 3
 #define SPIN_SHARE 20
 #define SPIN_BUDGET_NS 20000000LL
 
-/* A poll from `now` if it is on and the budget has it: returns its end, or 0. */
-static int64_t spin_start(FastPath *f, int64_t now) {
-    if (f->spin_off) return 0;
+/* A poll from `now` if it is on, `now` is before `limit` (the settle limit or the caller's
+ * deadline) and the budget has it: returns its end, or 0. */
+static int64_t spin_start(FastPath *f, int64_t now, int64_t limit) {
+    if (f->spin_off || now >= limit) return 0;
     int64_t refill = (now - f->spin_budget_at) / SPIN_SHARE;
     f->spin_budget_at = now;
     f->spin_budget = refill >= SPIN_BUDGET_NS - f->spin_budget ? SPIN_BUDGET_NS
@@ -869,6 +869,12 @@ static void spin_end(FastPath *f, int64_t started, int64_t now, int how) {
     }
 }
 
+/* When a wait with a hop to settle must return: its settle limit, or the caller's deadline
+ * if that comes first. */
+static inline int64_t settle_limit(int forever, int64_t deadline, int64_t settle_by) {
+    return !forever && deadline < settle_by ? deadline : settle_by;
+}
+
 static inline int ms_ceil(int64_t ns) {
     int64_t ms = (ns + 999999) / 1000000;
     return ms > INT_MAX ? INT_MAX : (int)ms;
@@ -888,9 +894,10 @@ static PyObject *fp_wait_inner(FastPath *f, double timeout, int maxevents) {
     int expect_fd = -1;
     for (;;) {
         int ms = -1, polling = 0;
+        int64_t limit = settle_limit(forever, deadline, settle_by); /* once settle_by is set */
         if (spin_until != 0) {
             int64_t now = monotonic_ns();
-            if (now < spin_until && now < settle_by && (forever || now < deadline)) {
+            if (now < spin_until && now < limit) {
                 polling = 1;
             } else {
                 spin_end(f, hop_at, now, now < spin_until ? SPIN_CUT : SPIN_MISSED);
@@ -901,9 +908,8 @@ static PyObject *fp_wait_inner(FastPath *f, double timeout, int maxevents) {
             ms = 0; /* not worth releasing the GIL for */
         } else if (settle_by != 0) {
             int64_t now = monotonic_ns();
-            int64_t end = !forever && deadline < settle_by ? deadline : settle_by;
-            if (end - now <= 0) return PyList_New(0);
-            ms = ms_ceil(end - now);
+            if (limit - now <= 0) return PyList_New(0);
+            ms = ms_ceil(limit - now);
         } else if (!forever) {
             if (first) {
                 ms = ms_ceil(total_ns);
@@ -959,8 +965,7 @@ static PyObject *fp_wait_inner(FastPath *f, double timeout, int maxevents) {
                 hop_at = monotonic_ns();
                 if (settle_by == 0) settle_by = hop_at + SETTLE_WITHIN_NS;
                 expect_fd = f->tun_fd;
-                if ((forever || hop_at < deadline) && hop_at < settle_by)
-                    spin_until = spin_start(f, hop_at);
+                spin_until = spin_start(f, hop_at, settle_limit(forever, deadline, settle_by));
                 continue;
             case RX_HANDED_BACK:
                 return one_ready(f->udp_fd, EPOLLIN);
@@ -984,8 +989,7 @@ static PyObject *fp_wait_inner(FastPath *f, double timeout, int maxevents) {
             hop_at = monotonic_ns();
             if (settle_by == 0) settle_by = hop_at + SETTLE_WITHIN_NS;
             expect_fd = f->udp_fd;
-            if ((forever || hop_at < deadline) && hop_at < settle_by)
-                spin_until = spin_start(f, hop_at);
+            spin_until = spin_start(f, hop_at, settle_limit(forever, deadline, settle_by));
             continue;
         case HOP_SEND_FAILED:
             return PyList_New(0); /* Python deals with the failure */
