@@ -95,6 +95,14 @@ if [ ! -e "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ setup.py -nt "$STAM
     touch "$STAMP"
 fi
 
+# --- bytecode ------------------------------------------------------------------
+# Our own modules compiled ahead, as the .deb's postinst does for its venv: pip's editable
+# install compiles none of them, and where PYTHONDONTWRITEBYTECODE is set (CI's machine
+# has it) every daemon and secureioctl start compiled all of them again (about 0.4 s of a
+# 0.7 s start; 1.3 s of the 10,000-peer start in `make bench`). Only changed files are
+# recompiled; a source newer than its .pyc is read from source, so it is never stale.
+"$VENV/bin/python" -m compileall -q secureiod >/dev/null || log "warning: compileall failed"
+
 # --- /dev/net/tun ----------------------------------------------------------------
 if [ ! -c /dev/net/tun ]; then
     if is_root; then
