@@ -87,17 +87,60 @@ def _tcp(a: harness.Node, dst: str, streams: int, seconds: float) -> dict[str, A
     }
 
 
-def _udp64(a: harness.Node, dst: str, seconds: float) -> dict[str, Any]:
+def drop_counters(node: harness.Node, tunnel_dev: str | None) -> dict[str, int]:
+    """The counters of ``node``'s namespace that say where a datagram died: the tunnel
+    device's transmit drops (packets the kernel could not queue for the tunnel daemon: it
+    read too slowly) and the namespace's UDP receive and send buffer errors (a full socket
+    buffer: the tunnel's own underlay socket or iperf3's, one namespace holds both)."""
+    out = {"tunnel_tx_dropped": 0, "udp_rcvbuf_errors": 0, "udp_sndbuf_errors": 0}
+    if tunnel_dev is not None:
+        link = node.exec(["ip", "-j", "-s", "link", "show", "dev", tunnel_dev])
+        with contextlib.suppress(ValueError, LookupError, TypeError):
+            out["tunnel_tx_dropped"] = int(json.loads(link.stdout)[0]["stats64"]["tx"]["dropped"])
+    snmp = node.exec(["cat", "/proc/net/snmp"]).stdout.splitlines()
+    udp = [line.split()[1:] for line in snmp if line.startswith("Udp: ")]
+    if len(udp) == 2:
+        fields = dict(zip(udp[0], udp[1], strict=False))
+        out["udp_rcvbuf_errors"] = int(fields.get("RcvbufErrors", 0))
+        out["udp_sndbuf_errors"] = int(fields.get("SndbufErrors", 0))
+    return out
+
+
+def tunnel_device(a: harness.Node, dst: str) -> str | None:
+    """The device A routes ``dst`` through: the tunnel's (the veth for plain veth)."""
+    route = a.exec(["ip", "-j", "route", "get", dst])
+    with contextlib.suppress(ValueError, LookupError, TypeError):
+        return str(json.loads(route.stdout)[0]["dev"])
+    return None
+
+
+def _udp64(a: harness.Node, b: harness.Node, dst: str, seconds: float) -> dict[str, Any]:
+    dev = tunnel_device(a, dst)
+    before = {"A": drop_counters(a, dev), "B": drop_counters(b, None)}
     end = _iperf(a, dst, ["-u", "-l", "64", "-b", "0"], seconds)
     if "error" in end:
         return end
+    after = {"A": drop_counters(a, dev), "B": drop_counters(b, None)}
     rx = end.get("sum_received") or end["sum"]
     delivered = rx["packets"] - rx["lost_packets"]
     sent = end.get("sum_sent", {}).get("packets", rx["packets"])
+    drops = {side: {k: after[side][k] - before[side][k] for k in before[side]} for side in before}
+    # where the sent datagrams died, as shares of those sent (the rest: elsewhere, e.g.
+    # inside a tunnel daemon, or counted lost by iperf3 for being out of order)
+    where = {
+        "at_A_tunnel_device": drops["A"]["tunnel_tx_dropped"],
+        "B_udp_rcvbuf": drops["B"]["udp_rcvbuf_errors"],
+        "A_udp_rcvbuf": drops["A"]["udp_rcvbuf_errors"],
+    }
     return {
         "delivered_pps": round(delivered / rx["seconds"]),
         "sent_pps": round(sent / end.get("sum_sent", rx)["seconds"]),
         "lost_percent": round(rx["lost_percent"], 2),
+        "tunnel_device": dev,
+        "drops": drops,
+        "lost_where_percent": {
+            k: round(100 * v / sent, 1) if sent else None for k, v in where.items()
+        },
     }
 
 
@@ -147,7 +190,7 @@ def measure(
         steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
             ("tcp1", lambda: _tcp(a, dst, 1, args.seconds)),
             ("tcp4", lambda: _tcp(a, dst, 4, args.seconds)),
-            ("udp64", lambda: _udp64(a, dst, args.udp_seconds)),
+            ("udp64", lambda: _udp64(a, b, dst, args.udp_seconds)),
             ("ping", lambda: _ping(a, dst)),
         ]
         for key, step in steps:

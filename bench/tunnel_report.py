@@ -104,6 +104,18 @@ def _rows() -> list[Row]:
         ),
         Row("udp64_loss", "UDP 64 B loss (%)", *_plain(("udp64", "lost_percent"), 1), "lower"),
         Row(
+            "udp64_lost_tun",
+            "UDP 64 B lost at A's tunnel device queue (% of sent)",
+            *_plain(("udp64", "lost_where_percent", "at_A_tunnel_device"), 1),
+            "lower",
+        ),
+        Row(
+            "udp64_lost_rcvbuf",
+            "UDP 64 B lost to full UDP socket buffers in B (% of sent)",
+            *_plain(("udp64", "lost_where_percent", "B_udp_rcvbuf"), 1),
+            "lower",
+        ),
+        Row(
             "ping",
             "ping RTT avg, 50 pings 20 ms apart (ms)",
             *_plain(("ping", "avg_ms"), 3),
@@ -362,31 +374,42 @@ def goals(results: dict[str, Any]) -> list[Goal]:
                 lambda v: v <= 1.0,
             )
         )
-    big = next(
-        (p for p in results["many_peers"] if p["peers"] == MANY_PEERS_GOAL and not p.get("error")),
-        None,
-    )
-    rss = get(big, "mem_kib", "VmRSS")
-    out += [
-        _check(
-            f"{MANY_PEERS_GOAL:,} peers: ready after (s)",
-            get(big, "ready_s"),
-            "< 5",
-            lambda v: v < 5,
-        ),
-        _check(
-            f"{MANY_PEERS_GOAL:,} peers: VmRSS (MiB)",
-            rss / 1024 if rss is not None else None,
+    out += _many_peers_goals(results)
+    return out
+
+
+def _many_peers_goals(results: dict[str, Any]) -> list[Goal]:
+    """The 10,000-peer goals, judged on the worst of the run's starts with that many peers
+    (``--peer-samples``: one start is one sample of a noisy box, and a goal met only by
+    the luckier start is not met), with how many of the starts met each on its own. A
+    start that failed makes every one of these "not measured"."""
+    samples = [p for p in results["many_peers"] if p["peers"] == MANY_PEERS_GOAL]
+    specs: list[tuple[str, Callable[[Any], float | None], str, Callable[[float], bool]]] = [
+        ("ready after (s)", lambda p: get(p, "ready_s"), "< 5", lambda v: v < 5),
+        (
+            "VmRSS (MiB)",
+            lambda p: rss / 1024 if (rss := get(p, "mem_kib", "VmRSS")) is not None else None,
             "< 150",
             lambda v: v < 150,
         ),
-        _check(
-            f"{MANY_PEERS_GOAL:,} peers: idle CPU %",
-            get(big, "idle_cpu_percent"),
-            "< 1",
-            lambda v: v < 1,
-        ),
+        ("idle CPU %", lambda p: get(p, "idle_cpu_percent"), "< 1", lambda v: v < 1),
     ]
+    out = []
+    for label, value_of, target, ok in specs:
+        values = [value_of(p) for p in samples]
+        usable = (
+            bool(values)
+            and not any(p.get("error") for p in samples)
+            and all(v is not None for v in values)
+        )
+        worst = max(v for v in values if v is not None) if usable else None
+        checked = _check(f"{MANY_PEERS_GOAL:,} peers: {label}", worst, target, ok)
+        tally = (
+            (sum(1 for v in values if v is not None and ok(v)), len(values))
+            if usable and len(values) > 1
+            else None
+        )
+        out.append(Goal(checked.goal, checked.value, checked.target, checked.met, tally))
     return out
 
 
@@ -395,7 +418,7 @@ def goals_table(results: dict[str, Any]) -> str:
     lines = [
         f"goals of issue 13 (ratios against the wireguard-go of this run: {version})",
         "",
-        "| goal | this run | target | | rounds that met it |",
+        "| goal | this run | target | | rounds (or starts) that met it |",
         "|---|---:|---:|---|---:|",
     ]
     for g in results["goals"]:

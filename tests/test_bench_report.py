@@ -134,3 +134,35 @@ def test_no_per_round_table_for_a_one_round_run() -> None:
     assert tunnel_report.rounds_table(results) == ""  # no "rounds": an older JSON
     results["rounds"] = [results["targets"]]
     assert tunnel_report.rounds_table(results) == ""
+
+
+def test_many_peers_goals_take_the_worst_start_and_count_the_starts() -> None:
+    """Three starts with 10,000 peers: one slow start fails the goal even though the other
+    two met it, and the table says how many met it on their own."""
+    peers = [
+        {"peers": 10_000, "ready_s": s, "idle_cpu_percent": c, "mem_kib": {"VmRSS": m << 10}}
+        for s, c, m in ((3.0, 0.4, 90), (5.2, 0.5, 95), (4.0, 0.9, 91))
+    ]
+    peers.insert(0, {"peers": 1_000, "ready_s": 9.0, "idle_cpu_percent": 5.0})  # not a goal
+    goals = {g.goal: g for g in tunnel_report.goals(_results(None, peers))}
+    ready = goals["10,000 peers: ready after (s)"]
+    assert (ready.value, ready.met, ready.rounds_met) == (5.2, False, (2, 3))
+    rss = goals["10,000 peers: VmRSS (MiB)"]
+    assert (rss.value, rss.met, rss.rounds_met) == (95.0, True, (3, 3))
+    idle = goals["10,000 peers: idle CPU %"]
+    assert (idle.value, idle.met, idle.rounds_met) == (0.9, True, (3, 3))
+    results = _results(None, peers)
+    results["goals"] = tunnel_report.goals_json(results)
+    assert "| 10,000 peers: ready after (s) | 5.20 | < 5 | not met | 2 of 3 |" in (
+        tunnel_report.goals_table(results)
+    )
+
+
+def test_many_peers_goals_are_not_measured_when_one_start_failed() -> None:
+    """A failed start is not a sample to leave out: the goal cannot be judged."""
+    peers = [
+        {"peers": 10_000, "ready_s": 3.0, "idle_cpu_percent": 0.4, "mem_kib": {"VmRSS": 90 << 10}},
+        {"peers": 10_000, "error": "control socket did not answer within 60 s"},
+    ]
+    goals = [g for g in tunnel_report.goals(_results(None, peers)) if "10,000" in g.goal]
+    assert len(goals) == 3 and {g.met for g in goals} == {None}

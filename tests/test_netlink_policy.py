@@ -136,3 +136,46 @@ def test_create_address_says_whether_it_added(nl: Netlink) -> None:
     assert nl.create_address("sio-a", address) is True
     assert nl.create_address("sio-a", address) is False
     assert nl.create_address("sio-a", ipaddress.ip_interface("198.18.0.1/24")) is False
+
+
+def _make_link(ns: str, name: str) -> None:
+    """A link that is up with a carrier (one end of a veth pair in ``ns``; no dummy module
+    here): the kernel refuses a route on a link that is down."""
+    run_in(ns, ["ip", "link", "add", name, "type", "veth", "peer", "name", name + "p"], check=True)
+    for link in (name, name + "p"):
+        run_in(ns, ["ip", "link", "set", link, "up"], check=True)
+
+
+def test_add_route_looks_a_device_up_again_when_it_came_back(nl: Netlink, ns: str) -> None:
+    """``add_route`` reuses the ifindex it looked up for a second; a device deleted and
+    made again under the same name in that second gets a new index, which the kernel's
+    ENODEV makes it look up: the route lands on the new device, not an error."""
+    _make_link(ns, "sio-d")
+    old = nl.link_index("sio-d")
+    nl.add_route(NET("198.19.40.0/24"), "sio-d")
+    run_in(ns, ["ip", "link", "del", "sio-d"], check=True)
+    _make_link(ns, "sio-d")
+    assert nl.link_index("sio-d") != old
+    nl.add_route(NET("198.19.41.0/24"), "sio-d")  # within the memo's second
+    assert "198.19.41.0/24 dev sio-d" in ip(ns, "route", "show", "198.19.41.0/24")
+    run_in(ns, ["ip", "link", "del", "sio-d"], check=True)
+    with pytest.raises(NetlinkError) as info:  # gone for good: one clear error
+        nl.add_route(NET("198.19.42.0/24"), "sio-d")
+    assert info.value.code == errno.ENODEV
+
+
+def test_add_route_reuses_the_lookup_for_many_routes(nl: Netlink, ns: str) -> None:
+    """A start adds a route per peer to one device: one lookup, not one per route."""
+    lookups = 0
+    real = nl._fast.link_index
+
+    def counted(name: str) -> int | None:
+        nonlocal lookups
+        lookups += 1
+        return real(name)
+
+    nl._fast.link_index = counted  # type: ignore[method-assign]
+    for i in range(50):
+        nl.add_route(NET(f"198.19.50.{i}/32"), "sio-a")
+    assert lookups == 1
+    assert ip(ns, "route", "show", "198.19.50.49/32").startswith("198.19.50.49 dev sio-a")
