@@ -193,9 +193,12 @@ def _wait_ready(node: harness.Node, timeout: float) -> None:
     raise AssertionError(f"control socket did not answer within {timeout:.0f} s")
 
 
-def run_many_peers(net: harness.Net, count: int, idle: float, say: Say) -> dict[str, Any]:
-    """One daemon, ``count`` peers without endpoints (one /32 each): start-up and idling."""
-    node = net.node(f"peers{count}")
+def run_many_peers(
+    net: harness.Net, count: int, idle: float, say: Say, sample: int = 0
+) -> dict[str, Any]:
+    """One daemon, ``count`` peers without endpoints (one /32 each): start-up and idling.
+    ``sample``: which start with this many peers (each gets its own node)."""
+    node = net.node(f"peers{count}" + (f"-{sample + 1}" if sample else ""))
     for i in range(count):
         node.peer_specs.append(
             {
@@ -400,8 +403,8 @@ def main() -> int:
                 with _round_workdir(net, i):
                     results["rounds"].append(run_round(net, a, b, args, say, i))
             for count in args.peer_counts:
-                for _ in range(args.peer_samples if count == MANY_PEERS_GOAL else 1):
-                    results["many_peers"].append(run_many_peers(net, count, args.idle, say))
+                for sample in range(args.peer_samples if count == MANY_PEERS_GOAL else 1):
+                    results["many_peers"].append(run_many_peers(net, count, args.idle, say, sample))
     finally:
         signal.alarm(0)
     results["targets"], results["round_notes"] = aggregate(results["rounds"])

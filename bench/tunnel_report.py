@@ -203,15 +203,19 @@ def many_peers_table(results: dict[str, Any]) -> str:
         f"| VmHWM (MiB) | idle CPU % (over {idle:.0f} s) |",
         "|---:|---:|---:|---:|---:|",
     ]
-    for p in results["many_peers"]:
+    samples = results["many_peers"]
+    for i, p in enumerate(samples):
         if p.get("error"):
             lines.append(f"| {p['peers']} | failed: {p['error'][:120]} | - | - | - |")
-            continue
-        lines.append(
-            f"| {p['peers']} | {p['ready_s']:.2f} | {p['mem_kib']['VmRSS'] / 1024:.1f} "
-            f"| {p['mem_kib']['VmHWM'] / 1024:.1f} | {p['idle_cpu_percent']:.1f} |"
+        else:
+            lines.append(
+                f"| {p['peers']} | {p['ready_s']:.2f} | {p['mem_kib']['VmRSS'] / 1024:.1f} "
+                f"| {p['mem_kib']['VmHWM'] / 1024:.1f} | {p['idle_cpu_percent']:.1f} |"
+            )
+        last_of_goal = p["peers"] == MANY_PEERS_GOAL and (
+            i + 1 == len(samples) or samples[i + 1]["peers"] != MANY_PEERS_GOAL
         )
-        if p["peers"] == MANY_PEERS_GOAL:
+        if last_of_goal:  # once, under the last of its starts (the goals take the worst)
             lines.append(f"| goal for {MANY_PEERS_GOAL:,} (issue 13) | < 5 | < 150 | - | < 1 |")
     return "\n".join(lines)
 
