@@ -64,7 +64,9 @@ LINK_INDEX_MEMO_SECONDS: Final = 1.0
 reload adds one route per peer to the same device: 10,000 peers made 10,000 lookups, a
 tenth of that start's time. An index the kernel refuses (ENODEV: the device went, or came
 back under a new index) is looked up again at once, so a device made again within the
-second is found as before."""
+second is found as before. A device renamed within the second keeps getting the routes
+asked for under its old name: the device that was looked up, which for the daemon is its
+own TUN device, not whatever took the name since."""
 _RTN_UNICAST: Final = 1
 _RTPROT_KERNEL: Final = 2
 _FIB_RULE_INVERT: Final = 0x2

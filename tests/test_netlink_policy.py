@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 from netns_util import netns, run_in, veth_pair
 
+from secureiod import netlink as netlink_module
 from secureiod.netlink import RT_TABLE_MAIN, Netlink, NetlinkError, RouteInfo, Rule
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
@@ -146,10 +147,14 @@ def _make_link(ns: str, name: str) -> None:
         run_in(ns, ["ip", "link", "set", link, "up"], check=True)
 
 
-def test_add_route_looks_a_device_up_again_when_it_came_back(nl: Netlink, ns: str) -> None:
+def test_add_route_looks_a_device_up_again_when_it_came_back(
+    nl: Netlink, ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``add_route`` reuses the ifindex it looked up for a second; a device deleted and
     made again under the same name in that second gets a new index, which the kernel's
-    ENODEV makes it look up: the route lands on the new device, not an error."""
+    ENODEV makes it look up: the route lands on the new device, not an error. (The memo is
+    stretched to a minute so a slow box still takes the retry, not a fresh lookup.)"""
+    monkeypatch.setattr(netlink_module, "LINK_INDEX_MEMO_SECONDS", 60.0)
     _make_link(ns, "sio-d")
     old = nl.link_index("sio-d")
     nl.add_route(NET("198.19.40.0/24"), "sio-d")
