@@ -265,6 +265,23 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+def _source() -> dict[str, Any]:
+    """The commit measured, and whether the work tree differed from it (what a result is
+    of: a JSON without it cannot be told apart from another build's)."""
+
+    def git(*argv: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(REPO), *argv], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
 def _machine() -> dict[str, Any]:
     def version(argv: list[str]) -> str | None:
         return first_line(argv) if shutil.which(argv[0]) else None
@@ -377,8 +394,10 @@ def main() -> int:
         f"wireguard-go first on PATH: {machine['wireguard-go_path'] or 'none'}"
         f" ({machine['wireguard-go'] or 'no version'})"
     )
+    source = _source()
     results: dict[str, Any] = {
         "command": command,
+        "source": source,
         "machine": machine,
         "config": {
             "tcp_seconds": args.seconds,
@@ -412,6 +431,10 @@ def main() -> int:
     results["goals"] = goals_json(results)
 
     print(f"command: {command}")
+    print(
+        f"source: commit {source['commit'] or 'unknown'}"
+        + (" with uncommitted changes" if source["dirty"] else "")
+    )
     print(
         f"machine: {machine['cores']} cores, {machine['cpu']} "
         f"({' '.join(machine['cpu_flags']) or 'no AVX2'}), Linux {machine['kernel']}, "

@@ -87,12 +87,16 @@ def _tcp(a: harness.Node, dst: str, streams: int, seconds: float) -> dict[str, A
     }
 
 
-def drop_counters(node: harness.Node, tunnel_dev: str | None) -> dict[str, int]:
+def drop_counters(node: harness.Node, tunnel_dev: str | None) -> dict[str, int | None]:
     """The counters of ``node``'s namespace that say where a datagram died: the tunnel
     device's transmit drops (packets the kernel could not queue for the tunnel daemon: it
     read too slowly) and the namespace's UDP receive and send buffer errors (a full socket
-    buffer: the tunnel's own underlay socket or iperf3's, one namespace holds both)."""
-    out = {"tunnel_tx_dropped": 0, "udp_rcvbuf_errors": 0, "udp_sndbuf_errors": 0}
+    buffer: the tunnel's own underlay socket or iperf3's, one namespace holds both; an
+    underlay datagram dropped there carries a dozen of iperf3's, counted as one). None: the
+    counter could not be read (no such device, another format), never a made-up 0."""
+    out: dict[str, int | None] = dict.fromkeys(
+        ("tunnel_tx_dropped", "udp_rcvbuf_errors", "udp_sndbuf_errors")
+    )
     if tunnel_dev is not None:
         link = node.exec(["ip", "-j", "-s", "link", "show", "dev", tunnel_dev])
         with contextlib.suppress(ValueError, LookupError, TypeError):
@@ -101,9 +105,19 @@ def drop_counters(node: harness.Node, tunnel_dev: str | None) -> dict[str, int]:
     udp = [line.split()[1:] for line in snmp if line.startswith("Udp: ")]
     if len(udp) == 2:
         fields = dict(zip(udp[0], udp[1], strict=False))
-        out["udp_rcvbuf_errors"] = int(fields.get("RcvbufErrors", 0))
-        out["udp_sndbuf_errors"] = int(fields.get("SndbufErrors", 0))
+        with contextlib.suppress(KeyError, ValueError):
+            out["udp_rcvbuf_errors"] = int(fields["RcvbufErrors"])
+        with contextlib.suppress(KeyError, ValueError):
+            out["udp_sndbuf_errors"] = int(fields["SndbufErrors"])
     return out
+
+
+def _growth(before: int | None, after: int | None) -> int | None:
+    """A counter's growth over the run; None if unread either time or if it went back (the
+    device went and came back: its counters started again)."""
+    if before is None or after is None or after < before:
+        return None
+    return after - before
 
 
 def tunnel_device(a: harness.Node, dst: str) -> str | None:
@@ -124,7 +138,9 @@ def _udp64(a: harness.Node, b: harness.Node, dst: str, seconds: float) -> dict[s
     rx = end.get("sum_received") or end["sum"]
     delivered = rx["packets"] - rx["lost_packets"]
     sent = end.get("sum_sent", {}).get("packets", rx["packets"])
-    drops = {side: {k: after[side][k] - before[side][k] for k in before[side]} for side in before}
+    drops = {
+        side: {k: _growth(before[side][k], after[side][k]) for k in before[side]} for side in before
+    }
     # where the sent datagrams died, as shares of those sent (the rest: elsewhere, e.g.
     # inside a tunnel daemon, or counted lost by iperf3 for being out of order)
     where = {
@@ -139,7 +155,8 @@ def _udp64(a: harness.Node, b: harness.Node, dst: str, seconds: float) -> dict[s
         "tunnel_device": dev,
         "drops": drops,
         "lost_where_percent": {
-            k: round(100 * v / sent, 1) if sent else None for k, v in where.items()
+            k: round(100 * v / sent, 1) if sent and v is not None else None
+            for k, v in where.items()
         },
     }
 

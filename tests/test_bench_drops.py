@@ -56,7 +56,15 @@ def test_the_tunnel_devices_drops_come_from_ip_link(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(node, "exec", fake_exec)
     assert tunnel_measure.drop_counters(node, "tun0")["tunnel_tx_dropped"] == 1234
-    assert tunnel_measure.drop_counters(HostNode(), "no-such-dev0")["tunnel_tx_dropped"] == 0
+    assert tunnel_measure.drop_counters(HostNode(), "no-such-dev0")["tunnel_tx_dropped"] is None
+
+
+def test_a_counter_that_was_not_read_or_went_back_grows_by_nothing_known() -> None:
+    """Unknown is "-" in the table, never 0 % (nor a negative share after a restart)."""
+    assert tunnel_measure._growth(10, 25) == 15
+    assert tunnel_measure._growth(None, 25) is None
+    assert tunnel_measure._growth(10, None) is None
+    assert tunnel_measure._growth(30, 5) is None
 
 
 def test_the_route_to_a_local_address_goes_through_lo() -> None:

@@ -179,3 +179,15 @@ def test_many_peers_goals_are_not_measured_when_one_start_failed() -> None:
     ]
     goals = [g for g in tunnel_report.goals(_results(None, peers)) if "10,000" in g.goal]
     assert len(goals) == 3 and {g.met for g in goals} == {None}
+
+
+def test_a_start_that_loaded_fewer_peers_is_not_a_sample() -> None:
+    """``status`` answered, but with 9,000 of the 10,000 peers: not met, not measured."""
+    peer = {"peers": 10_000, "ready_s": 3.0, "idle_cpu_percent": 0.4}
+    peer["mem_kib"] = {"VmRSS": 90 << 10, "VmHWM": 90 << 10}
+    peers = [peer | {"peers_total": 10_000}, peer | {"peers_total": 9_000}]
+    goals = [g for g in tunnel_report.goals(_results(None, peers)) if "10,000" in g.goal]
+    assert {g.met for g in goals} == {None}
+    assert {
+        g.met for g in tunnel_report.goals(_results(None, peers[:1])) if "10,000" in g.goal
+    } == {True}
