@@ -364,21 +364,22 @@ class Netlink:
             metric = default_metric(net.version)
         scope = _RT_SCOPE_LINK if net.version == 4 else 0
         what = f"add route {net} dev {dev}" + _table_text(table) + _metric_text(metric)
+
+        def add(oif: int) -> None:
+            self._fast.add_route(
+                net, oif, table=int(table), metric=int(metric), scope=scope,
+                mtu=None if mtu is None else int(mtu),
+            )  # fmt: skip
+
         with self._op(what):
             index, remembered = self._route_index(dev)
             try:
-                self._fast.add_route(
-                    net, index, table=int(table), metric=int(metric), scope=scope,
-                    mtu=None if mtu is None else int(mtu),
-                )  # fmt: skip
+                add(index)
             except _PyrouteError as exc:
                 if not remembered or exc.code != errno.ENODEV:
                     raise
                 self._route_oif = None  # gone since we looked: look again, once
-                self._fast.add_route(
-                    net, self._route_index(dev)[0], table=int(table), metric=int(metric),
-                    scope=scope, mtu=None if mtu is None else int(mtu),
-                )  # fmt: skip
+                add(self._route_index(dev)[0])
 
     def _route_index(self, dev: str) -> tuple[int, bool]:
         """``dev``'s ifindex for ``add_route``, and whether it was remembered from a lookup
