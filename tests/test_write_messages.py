@@ -6,25 +6,13 @@ PacketIDs, counters, batch, timer, refusals), whatever the sizes, offsets and st
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import pytest
 from identities import ID_A, ID_B
-from test_lone_path import ADDR_B, RW, _established, _session, _state
-from test_write_run import _same
+from test_lone_path import ADDR_B, RW, _session, _state
+from test_write_run import _each, _same, _twins
 
 from secureiod.secureio import MessageType
-from secureiod.secureio.session import Session
-
-
-def _each(s: Session, payloads: list[bytes], now: float, offset: int) -> list[tuple[int, type]]:
-    refused = []
-    for i, p in enumerate(payloads):
-        try:
-            s.write_message(RW, p[offset:], now)
-        except Exception as exc:  # compared by type with what the batch returns
-            refused.append((i, type(exc)))
-    return refused
 
 
 def _sizes(rng: random.Random, n: int, payload_size: int) -> list[int]:
@@ -39,13 +27,6 @@ def _sizes(rng: random.Random, n: int, payload_size: int) -> list[int]:
         else:
             out.append(rng.randrange(payload_size + 1, 3 * payload_size))
     return out
-
-
-def _twins(**kw: Any) -> tuple[Session, Session, float]:
-    a1, _, now = _established(**kw)
-    a2, _, now2 = _established(**kw)
-    assert now == now2 and _state(a1) == _state(a2)
-    return a1, a2, now
 
 
 @pytest.mark.parametrize("fragments", [True, False], ids=["fragments", "no-fragments"])

@@ -53,7 +53,8 @@ def _same(a1: Session, a2: Session, payloads: list[Any], now: float, offset: int
 
 def _twins(**kw: Any) -> tuple[Session, Session, float]:
     a1, _, now = _established(**kw)
-    a2, _, _ = _established(**kw)
+    a2, _, now2 = _established(**kw)
+    assert now == now2 and _state(a1) == _state(a2)
     return a1, a2, now
 
 
